@@ -1,0 +1,94 @@
+"""Per-task replay buffer with stratified sampling.
+
+Every vector step adds one transition per task, so all tasks share one write cursor.
+`sample(b)` returns tensors shaped `[K, b, ...]`: exactly `b` transitions of every task,
+which is what per-task losses and the per-task Jacobian consume.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Batch(NamedTuple):
+    """A stratified minibatch; every field is `[K, B, ...]`."""
+
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    next_obs: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+
+
+FIELDS = Batch._fields
+
+
+class MultiTaskReplayBuffer:
+    """Ring buffer of `capacity_per_task` transitions for each of `num_tasks` tasks.
+
+    `next_obs` holds the true next observation (Meta-World's `final_obs` at a time limit), and
+    `terminated` is stored apart from `truncated`, so that targets bootstrap through time limits.
+    """
+
+    def __init__(self, num_tasks: int, capacity_per_task: int, obs_dim: int, act_dim: int, device: torch.device):
+        if capacity_per_task < 1:
+            raise ValueError(f"capacity_per_task must be >= 1, found {capacity_per_task}")
+        self.num_tasks, self.capacity, self.device = num_tasks, capacity_per_task, torch.device(device)
+        shape = (num_tasks, capacity_per_task)
+        kw = dict(device=self.device)
+        self.storage = Batch(
+            obs=torch.zeros(*shape, obs_dim, dtype=torch.float32, **kw),
+            action=torch.zeros(*shape, act_dim, dtype=torch.float32, **kw),
+            reward=torch.zeros(*shape, dtype=torch.float32, **kw),
+            next_obs=torch.zeros(*shape, obs_dim, dtype=torch.float32, **kw),
+            terminated=torch.zeros(*shape, dtype=torch.float32, **kw),
+            truncated=torch.zeros(*shape, dtype=torch.float32, **kw),
+        )
+        self.cursor = 0
+        self.size = 0
+
+    @staticmethod
+    def nbytes(num_tasks: int, capacity_per_task: int, obs_dim: int, act_dim: int) -> int:
+        return 4 * num_tasks * capacity_per_task * (2 * obs_dim + act_dim + 3)
+
+    def add(self, transition: Batch) -> None:
+        """Add one transition per task; each field is `[K, ...]`."""
+        for store, value in zip(self.storage, transition, strict=True):
+            store[:, self.cursor] = torch.as_tensor(value, dtype=torch.float32).to(self.device, non_blocking=True)
+        self.cursor = (self.cursor + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_per_task: int, generator: torch.Generator, device: torch.device) -> Batch:
+        """`batch_per_task` transitions of every task, drawn uniformly with replacement."""
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        idx = torch.randint(
+            self.size, (self.num_tasks, batch_per_task), generator=generator, device=generator.device
+        ).to(self.device)
+        out = []
+        for store in self.storage:
+            gather_idx = idx.view(*idx.shape, *([1] * (store.dim() - 2))).expand(-1, -1, *store.shape[2:])
+            out.append(torch.gather(store, 1, gather_idx).to(device, non_blocking=True))
+        return Batch(*out)
+
+    def state_dict(self) -> dict:
+        valid = slice(0, self.size)
+        return {
+            "cursor": self.cursor,
+            "size": self.size,
+            "capacity": self.capacity,
+            **{name: store[:, valid].cpu() for name, store in zip(FIELDS, self.storage, strict=True)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"buffer capacity mismatch: checkpoint {state['capacity']}, config {self.capacity}")
+        for name, store in zip(FIELDS, self.storage, strict=True):
+            saved = state[name]
+            if saved.shape[0] != store.shape[0] or saved.shape[2:] != store.shape[2:]:
+                raise ValueError(f"buffer field {name!r} has shape {tuple(saved.shape)}, expected {tuple(store.shape)}")
+            store[:, : state["size"]] = saved.to(self.device)
+        self.cursor, self.size = state["cursor"], state["size"]

@@ -1,0 +1,116 @@
+"""Atomic checkpoints with keep-last-N and best-by-success, loaded without executing code.
+
+A checkpoint is written to a temporary file in the same directory, flushed to disk, then
+renamed over its final name: a reader sees either the previous file or the complete new one,
+never half of one. Loading uses `torch.load(weights_only=True)`, which refuses any pickle that
+would import or call arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+CKPT_DIR = "checkpoints"
+BEST = "best.pt"
+_STEP_RE = re.compile(r"^step_(\d{10})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, unsafe or from another config."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint found in {path}")
+        path = latest
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"refused to load {path}: not a safe checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or truncated file ({type(err).__name__})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not an mtrl checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Periodic checkpoints of a run, oldest first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _STEP_RE.match(p.name))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = step_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int, is_best: bool) -> Path:
+    """Write `step_<step>.pt` (and `best.pt` if best), then prune to the newest `keep_last`."""
+    state = {"format": FORMAT_VERSION, **state}
+    d = checkpoint_dir(run_dir)
+    path = d / f"step_{step:010d}.pt"
+    atomic_save(state, path)
+    if is_best:
+        atomic_save(state, d / BEST)
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def remove_partial_writes(run_dir: Path) -> int:
+    """Delete temporaries left by a process killed mid-write; returns how many."""
+    d = checkpoint_dir(run_dir)
+    stale = list(d.glob(".*.tmp")) if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)

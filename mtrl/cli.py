@@ -1,0 +1,162 @@
+"""Command line: `mtrl train | eval | bench`. Thin: parsing, then one call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mtrl.config import ConfigError, describe_options
+
+TRAIN_EPILOG = """\
+Overrides are dotted keys, e.g. `train.total_steps=100000 combiner.name=cagrad combiner.c=0.9`;
+lists are YAML, e.g. `env.tasks=[reach-v3,push-v3]`. Precedence: defaults < --config < overrides.
+
+Config keys:
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mtrl", description="Multi-task SAC on Meta-World with gradient combiners.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser(
+        "train",
+        help="train an agent (or resume a run)",
+        description="Train multi-task SAC. Writes metrics.jsonl, TensorBoard files (tb/), config.yaml and "
+        "checkpoints/ into run.dir.",
+        epilog=TRAIN_EPILOG + describe_options(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", type=Path, help="YAML preset, e.g. configs/mt10_mtsac.yaml")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint",
+    )
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint with the Meta-World protocol",
+        description="Evaluate a checkpoint (a .pt file, or a run directory for its latest checkpoint) on fresh "
+        "evaluation envs: deterministic actions, pseudorandom goal sweep, success at any step.",
+    )
+    ev.add_argument("checkpoint", type=Path, help="checkpoint file or run directory")
+    ev.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the run's eval.episodes)")
+    ev.add_argument("--seed", type=int, default=None, help="seed of the evaluation envs (default: the run's)")
+    ev.add_argument("--device", default="cpu", help="torch device for the policy (default: cpu)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    bench = sub.add_parser("bench", help="benchmarks (see `mtrl bench update --help`)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    upd = bench_sub.add_parser(
+        "update",
+        help="time one full SAC update per combiner",
+        description="Time one full SAC update (critic + actor + temperature) per combiner at each K, on each "
+        "available device, next to a plain mean-loss backward.",
+    )
+    upd.add_argument("--combiners", default="all", help="comma-separated names, or 'all'")
+    upd.add_argument("--tasks", default="10,50", help="comma-separated K values (default 10,50)")
+    upd.add_argument("--devices", default="auto", help="comma-separated devices, or 'auto' (cpu and cuda if present)")
+    upd.add_argument("--batch-per-task", type=int, default=128, help="samples per task (default 128)")
+    upd.add_argument("--hidden", default="400,400,400", help="hidden widths (default 400,400,400)")
+    upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
+    upd.add_argument("--json", action="store_true", help="print a JSON list of records")
+    return parser
+
+
+def _default_run_dir(config: Path | None) -> Path:
+    stem = config.stem if config is not None else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtrl import checkpoint as ckpt
+    from mtrl.config import load_config
+    from mtrl.trainer import Trainer
+
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError("--resume takes the config saved in the run; drop --config (overrides are allowed)")
+        latest = ckpt.latest_checkpoint(args.resume)
+        if latest is None:
+            raise ckpt.CheckpointError(f"no checkpoint to resume from in {args.resume}")
+        cfg = load_config(None, [*args.overrides, f"run.dir={args.resume}"], base=ckpt.load(latest)["config"])
+        trainer = Trainer(cfg, args.resume, resume=True)
+    else:
+        if args.config is None:
+            raise ConfigError("give --config PATH (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else _default_run_dir(args.config)
+        cfg.run.dir = str(run_dir)
+        if ckpt.latest_checkpoint(run_dir) is not None:
+            raise ConfigError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another run.dir"
+            )
+        trainer = Trainer(cfg, run_dir)
+    print(f"run directory: {trainer.run_dir}", file=sys.stderr)
+    return trainer.train()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mtrl.checkpoint import load
+    from mtrl.config import config_from_dict
+    from mtrl.envs import make_envs, task_names
+    from mtrl.evaluation import evaluate
+    from mtrl.policy import Policy, build_actor
+    from mtrl.trainer import EVAL_SEED_OFFSET
+
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, found {args.episodes}")
+    device = torch.device(args.device)
+    state = load(args.checkpoint, map_location=device)
+    policy = Policy(build_actor(state, device), device)
+    cfg = config_from_dict(state["config"])
+    seed = cfg.seed if args.seed is None else args.seed
+    envs = make_envs(cfg.env, seed + EVAL_SEED_OFFSET, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
+    result = evaluate(policy, envs, task_names(cfg.env), args.episodes or cfg.eval.episodes)
+    envs.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        width = max(len(t) for t in result.per_task)
+        for task, r in result.per_task.items():
+            print(f"{task:<{width}}  success {r['success']:.3f}  return {r['return']:9.2f}")
+        print(f"{'mean':<{width}}  success {result.mean_success:.3f}  return {result.mean_return:9.2f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtrl.bench import run_update_bench
+
+    return run_update_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtrl.checkpoint import CheckpointError
+    from mtrl.logger import setup_console
+    from mtrl.trainer import TrainingError
+
+    args = build_parser().parse_args(argv)
+    setup_console()
+    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, CheckpointError, TrainingError) as err:
+        print(f"mtrl: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError | CheckpointError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

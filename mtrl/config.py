@@ -1,0 +1,307 @@
+"""Typed run configuration: YAML presets + dotted overrides, validated by OmegaConf.
+
+Every field carries a `help` string; `mtrl train --help` prints them all. Unknown keys and
+ill-typed values are rejected by OmegaConf's structured configs; range checks live in
+`validate` so that every impossible value fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+BENCHMARKS = ("MT1", "MT10", "MT25", "MT50", "custom", "toy")
+
+
+@dataclass
+class EnvConfig:
+    benchmark: str = _f("MT10", "MT1 | MT10 | MT25 | MT50 | custom | toy (built-in, no MuJoCo)")
+    tasks: list[str] = _f([], "MT1: one task name (e.g. reach-v3); custom: the task names; toy: unused")
+    toy_tasks: int = _f(4, "number of tasks of the toy benchmark")
+    vector_strategy: str = _f("sync", "sync | async vectorisation of the training envs")
+    reward_version: str = _f("v2", "Meta-World reward function: v2 (default) or v1 (paper protocol)")
+    max_episode_steps: int = _f(500, "episode length (time limit); the paper protocol uses 150")
+    num_goals: int = _f(50, "goals per task drawn on reset; the paper protocol uses 1")
+
+
+@dataclass
+class AgentConfig:
+    variant: str = _f("conditioned", "conditioned (shared nets, one-hot input) | multihead (one head per task)")
+    hidden_sizes: list[int] = _f([400, 400, 400], "hidden layer widths of actor and critics")
+    actor_lr: float = _f(3e-4, "Adam learning rate of the actor")
+    critic_lr: float = _f(3e-4, "Adam learning rate of the critics")
+    alpha_lr: float = _f(3e-4, "Adam learning rate of the log-temperature")
+    gamma: float = _f(0.99, "discount factor")
+    tau: float = _f(0.005, "Polyak rate of the target critics, applied every update")
+    init_temperature: float = _f(1.0, "initial entropy temperature alpha")
+    target_entropy: float | None = _f(None, "target entropy; null means -|A|")
+    shared_temperature: bool = _f(False, "one temperature for all tasks (the authors' harness) instead of one per task")
+    log_std_min: float = _f(-20.0, "lower clamp of the policy log-std")
+    log_std_max: float = _f(2.0, "upper clamp of the policy log-std")
+
+
+@dataclass
+class CombinerConfig:
+    name: str = _f(
+        "mean",
+        "gradient combiner: mean | cagrad | conicgrad | sdmgrad | sdmgrad_os | imgrad | mgda | pcgrad | nashmtl",
+    )
+    networks: list[str] = _f(["critic", "actor"], "which losses are combined: any of critic, actor, alpha")
+    diagnostics_every: int = _f(1000, "updates between combiner diagnostics in TensorBoard (0 = never)")
+    c: float | None = _f(None, "cagrad/conicgrad/imgrad: c")
+    rescale: int | None = _f(None, "cagrad/imgrad: rescale divisor 0 | 1 | 2")
+    solver: str | None = _f(None, "cagrad/sdmgrad/sdmgrad_os: exact | mtrl (authors' Meta-World recipe)")
+    lam: float | None = _f(None, "sdmgrad/sdmgrad_os: lambda")
+    n: int | None = _f(None, "sdmgrad_os: expected number of tasks drawn per update")
+    variant: str | None = _f(None, "imgrad: paper | code")
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        fixed = {"name", "networks", "diagnostics_every"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in fixed and v is not None}
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = _f("adam", "adam | adatask (task-wise Adam on the shared parameters; combiner must be mean)")
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = _f(2_000_000, "vector env steps to train for (one step = one transition per task)")
+    warmup_steps: int = _f(1500, "vector steps of uniform random actions before learning starts")
+    updates_per_step: int = _f(1, "gradient updates per vector step once learning has started")
+    batch_per_task: int = _f(128, "transitions sampled per task per update (batch = K x this)")
+    buffer_capacity: int = _f(1_000_000, "replay capacity in transitions, split equally over tasks")
+    buffer_device: str = _f("auto", "auto (training device when it fits) | cpu | the training device")
+    grad_clip_norm: float | None = _f(None, "clip each network's gradient to this norm (null = off)")
+    q_target_clip: float | None = _f(None, "clip critic targets to [-x, x] (null = off)")
+    max_bad_updates: int = _f(100, "stop the run after this many consecutive non-finite updates")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(50_000, "vector steps between evaluations (0 = only at the end)")
+    episodes: int = _f(50, "evaluation episodes per task (the Meta-World protocol uses 50)")
+    vector_strategy: str = _f("sync", "sync | async vectorisation of the evaluation envs")
+
+
+@dataclass
+class LogConfig:
+    every: int = _f(1000, "vector steps between scalar logs (TensorBoard, metrics.jsonl)")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(50_000, "vector steps between checkpoints (0 = at the end only)")
+    keep_last: int = _f(3, "how many of the latest checkpoints to keep")
+    keep_best: bool = _f(True, "also keep best.pt, the checkpoint with the best eval success")
+    save_buffer: bool = _f(False, "store the replay buffer in checkpoints (exact resume of learning)")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("", "run directory (metrics, TensorBoard, checkpoints, config); empty = runs/<preset>-<time>")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "seed of every generator (envs, torch, sampling)")
+    device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    combiner: CombinerConfig = field(default_factory=CombinerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OmegaConfBaseException):
+        msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+        key = getattr(err, "full_key", None)
+        msg = msg.splitlines()[0]
+        return f"{key}: {msg}" if key and key not in msg else msg
+    return str(err).splitlines()[0]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults < `base` (a saved config) < YAML preset < dotted overrides, then validated."""
+    schema = OmegaConf.structured(Config)
+    layers: list[DictConfig] = [] if base is None else [OmegaConf.create(base)]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+        layers.append(OmegaConf.create(data))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(schema, *layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {_one_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `to_dict` (checkpoints, run directories)."""
+    return load_config(base=data)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{key} must be one of {', '.join(choices)}; found {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    from mtrl.combiners import make_combiner  # local: keeps config import light
+
+    _check(cfg.seed >= 0, f"seed must be >= 0, found {cfg.seed}")
+    _check(
+        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+        f"device must be auto, cpu, cuda or cuda:N; found {cfg.device!r}",
+    )
+    env = cfg.env
+    _choice("env.benchmark", env.benchmark, BENCHMARKS)
+    _choice("env.vector_strategy", env.vector_strategy, ("sync", "async"))
+    _choice("eval.vector_strategy", cfg.eval.vector_strategy, ("sync", "async"))
+    _choice("env.reward_version", env.reward_version, ("v1", "v2"))
+    _check(env.max_episode_steps > 0, f"env.max_episode_steps must be > 0, found {env.max_episode_steps}")
+    _check(1 <= env.num_goals <= 50, f"env.num_goals must be in [1, 50], found {env.num_goals}")
+    _check(env.toy_tasks >= 1, f"env.toy_tasks must be >= 1, found {env.toy_tasks}")
+    if env.benchmark == "MT1":
+        _check(len(env.tasks) == 1, f"env.tasks must name exactly one task for MT1, found {env.tasks}")
+    if env.benchmark == "custom":
+        _check(len(env.tasks) >= 1, "env.tasks must name at least one task for the custom benchmark")
+        _check(len(set(env.tasks)) == len(env.tasks), f"env.tasks has duplicates: {env.tasks}")
+    if env.benchmark in ("MT1", "custom"):
+        from mtrl.envs import check_task_names
+
+        check_task_names(env.tasks)
+
+    agent = cfg.agent
+    _choice("agent.variant", agent.variant, ("conditioned", "multihead"))
+    _check(
+        len(agent.hidden_sizes) >= 1 and all(h > 0 for h in agent.hidden_sizes),
+        f"agent.hidden_sizes must be a non-empty list of positive widths, found {agent.hidden_sizes}",
+    )
+    for key in ("actor_lr", "critic_lr", "alpha_lr", "init_temperature"):
+        value = getattr(agent, key)
+        _check(value > 0, f"agent.{key} must be > 0, found {value}")
+    _check(0 <= agent.gamma <= 1, f"agent.gamma must be in [0, 1], found {agent.gamma}")
+    _check(0 < agent.tau <= 1, f"agent.tau must be in (0, 1], found {agent.tau}")
+    _check(
+        agent.log_std_min < agent.log_std_max,
+        f"agent.log_std_min must be < agent.log_std_max, found {agent.log_std_min} >= {agent.log_std_max}",
+    )
+
+    comb = cfg.combiner
+    for net in comb.networks:
+        _choice("combiner.networks entries", net, ("critic", "actor", "alpha"))
+    _check(
+        comb.diagnostics_every >= 0,
+        f"combiner.diagnostics_every must be >= 0, found {comb.diagnostics_every}",
+    )
+    try:
+        make_combiner(comb.name, **comb.hyper_parameters())
+    except ValueError as err:
+        raise ConfigError(f"combiner: {err}") from None
+    _choice("optimizer.name", cfg.optimizer.name, ("adam", "adatask"))
+    _check(
+        cfg.optimizer.name != "adatask" or comb.name == "mean",
+        f"optimizer.name=adatask replaces the combiner: combiner.name must be mean, found {comb.name!r}",
+    )
+
+    train = cfg.train
+    _check(train.total_steps > 0, f"train.total_steps must be > 0, found {train.total_steps}")
+    _check(train.warmup_steps >= 0, f"train.warmup_steps must be >= 0, found {train.warmup_steps}")
+    _check(train.updates_per_step >= 1, f"train.updates_per_step must be >= 1, found {train.updates_per_step}")
+    _check(train.batch_per_task >= 1, f"train.batch_per_task must be >= 1, found {train.batch_per_task}")
+    _check(train.buffer_capacity >= 1, f"train.buffer_capacity must be >= 1, found {train.buffer_capacity}")
+    _check(train.max_bad_updates >= 1, f"train.max_bad_updates must be >= 1, found {train.max_bad_updates}")
+    for key in ("grad_clip_norm", "q_target_clip"):
+        value = getattr(train, key)
+        _check(value is None or value > 0, f"train.{key} must be > 0 or null, found {value}")
+    _check(
+        train.buffer_device in ("auto", "cpu") or train.buffer_device.startswith("cuda"),
+        f"train.buffer_device must be auto, cpu or a cuda device, found {train.buffer_device!r}",
+    )
+    _check(cfg.eval.every >= 0, f"eval.every must be >= 0, found {cfg.eval.every}")
+    _check(cfg.eval.episodes >= 1, f"eval.episodes must be >= 1, found {cfg.eval.episodes}")
+    _check(cfg.log.every >= 1, f"log.every must be >= 1, found {cfg.log.every}")
+    _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, found {cfg.checkpoint.every}")
+    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, found {cfg.checkpoint.keep_last}")
+
+
+def describe_options() -> str:
+    """Every config key with its type, default and help: the body of `mtrl train --help`."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+                walk(globals()[f.type] if isinstance(f.type, str) else f.type, key + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            lines.append(f"  {key} ({f.type}, default {default}): {f.metadata.get('help', '')}")
+
+    walk(Config, "")
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Vectorised multi-task environments: Meta-World 3.x benchmarks and a tiny toy benchmark.
+
+One sub-env per task, sub-env i is task i, observations carry a one-hot task id.
+Training envs sample a goal at random on each reset; evaluation envs follow the Meta-World+
+protocol: `terminate_on_success=True` and a pseudorandom sweep over each task's goals.
+Build them once per process and reuse them (Meta-World construction is slow).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from mtrl.config import ConfigError, EnvConfig
+
+TOY_PREFIX = "toy-"
+
+
+def _metaworld():
+    import metaworld  # noqa: F401 - registers the gymnasium ids
+
+    return metaworld
+
+
+def all_metaworld_tasks() -> list[str]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return list(ALL_V3_ENVIRONMENTS)
+
+
+def check_task_names(tasks: list[str]) -> None:
+    known = set(all_metaworld_tasks())
+    for name in tasks:
+        if name not in known:
+            raise ConfigError(f"unknown Meta-World task {name!r} (examples: reach-v3, push-v3, pick-place-v3)")
+
+
+def task_names(cfg: EnvConfig) -> list[str]:
+    """Task names in sub-env order."""
+    if cfg.benchmark == "toy":
+        return [f"{TOY_PREFIX}{i}" for i in range(cfg.toy_tasks)]
+    if cfg.benchmark in ("MT1", "custom"):
+        return list(cfg.tasks)
+    from metaworld import env_dict
+
+    return list(getattr(env_dict, f"{cfg.benchmark}_V3"))
+
+
+def make_envs(cfg: EnvConfig, seed: int, evaluation: bool, vector_strategy: str | None = None) -> gym.vector.VectorEnv:
+    """Training envs (`evaluation=False`) or protocol evaluation envs (`evaluation=True`)."""
+    strategy = vector_strategy or cfg.vector_strategy
+    if cfg.benchmark == "toy":
+        return _make_toy_envs(cfg, seed, evaluation, strategy)
+    mw = _metaworld()
+    # Meta-World keeps the number of goals per task in a module global that only the MT10/25/50
+    # entry point sets; set it for every benchmark so that one preset cannot leak into the next.
+    mw._N_GOALS = cfg.num_goals
+    kwargs: dict[str, Any] = dict(
+        vector_strategy=strategy,
+        use_one_hot=True,  # Meta-World's default is False
+        reward_function_version=cfg.reward_version,
+        max_episode_steps=cfg.max_episode_steps,
+        terminate_on_success=evaluation,
+        task_select="pseudorandom" if evaluation else "random",
+    )
+    if cfg.benchmark in ("MT10", "MT25", "MT50"):
+        envs = gym.make_vec(f"Meta-World/{cfg.benchmark}", seed=seed, **kwargs)
+    else:
+        # The custom entry point seeds sub-env i with `seed + i` but treats seed 0 as "unseeded";
+        # shifting by one keeps every seed, 0 included, deterministic.
+        envs = gym.make_vec("Meta-World/custom-mt-envs", envs_list=list(cfg.tasks), seed=seed + 1, **kwargs)
+    if evaluation:
+        # Pseudorandom goal selection only advances through the goal list when this is on.
+        envs.call("toggle_sample_tasks_on_reset", True)
+    return envs
+
+
+def env_checkpoint(envs: gym.vector.VectorEnv) -> str:
+    """Per-sub-env RNG state as JSON (Meta-World's checkpoint format, minus the task list).
+
+    Meta-World stores each task as a pickle; it is left out so that loading a checkpoint never
+    unpickles anything. The task list itself is rebuilt from the seed when the envs are made.
+    """
+    states = [(env_id, {k: v for k, v in ckpt.items() if k != "tasks"}) for env_id, ckpt in envs.call("get_checkpoint")]
+    return json.dumps(states)
+
+
+def load_env_checkpoint(envs: gym.vector.VectorEnv, state: str) -> None:
+    saved = dict((env_id, ckpt) for env_id, ckpt in json.loads(state))
+    merged = []
+    for env_id, live in envs.call("get_checkpoint"):
+        if env_id not in saved:
+            raise ValueError(f"checkpoint has no state for env {env_id!r}: it was saved for other tasks")
+        merged.append((env_id, {**live, **saved[env_id]}))
+    envs.call("load_checkpoint", merged)
+
+
+class ToyReachEnv(gym.Env):
+    """A point in the plane must reach a goal; each task's goals sit around its own direction.
+
+    No MuJoCo: a step costs microseconds, so unit tests and CI can train real agents on it.
+    Mirrors the Meta-World surface the project relies on: `task_name`, `info["success"]`,
+    `toggle_terminate_on_success`, `toggle_sample_tasks_on_reset`, `get_checkpoint`.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, task_id: int, num_tasks: int, num_goals: int, seed: int, evaluation: bool):
+        self.task_id, self.num_tasks = task_id, num_tasks
+        self.task_name = f"{TOY_PREFIX}{task_id}"
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4 + num_tasks,), np.float32)
+        angle = 2 * np.pi * task_id / num_tasks
+        center = 0.6 * np.array([np.cos(angle), np.sin(angle)])
+        goal_rng = np.random.default_rng([seed, task_id, 1])
+        self.goals = (center + goal_rng.uniform(-0.15, 0.15, size=(num_goals, 2))).astype(np.float32)
+        self.terminate_on_success = evaluation
+        self.pseudorandom = evaluation
+        self.sample_tasks_on_reset = True
+        self.goal_idx = -1
+        self.np_random = np.random.default_rng([seed, task_id, 2])
+        self.one_hot = np.eye(num_tasks, dtype=np.float32)[task_id]
+        self.pos = np.zeros(2, np.float32)
+        self.goal = self.goals[0]
+
+    def toggle_terminate_on_success(self, on: bool) -> None:
+        self.terminate_on_success = on
+
+    def toggle_sample_tasks_on_reset(self, on: bool) -> None:
+        self.sample_tasks_on_reset = on
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([self.pos, self.goal, self.one_hot]).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self.np_random = np.random.default_rng([seed, self.task_id, 2])
+        if self.sample_tasks_on_reset or self.goal_idx < 0:
+            if self.pseudorandom:
+                self.goal_idx = (self.goal_idx + 1) % len(self.goals)
+            else:
+                self.goal_idx = int(self.np_random.integers(len(self.goals)))
+        self.goal = self.goals[self.goal_idx]
+        self.pos = self.np_random.uniform(-0.1, 0.1, size=2).astype(np.float32)
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray):
+        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        self.pos = np.clip(self.pos + 0.1 * action, -1.0, 1.0).astype(np.float32)
+        dist = float(np.linalg.norm(self.pos - self.goal))
+        success = float(dist < 0.05)
+        reward = 1.0 - dist + success
+        terminated = bool(success) and self.terminate_on_success
+        return self._obs(), reward, terminated, False, {"success": success}
+
+    def get_checkpoint(self) -> tuple[str, dict]:
+        return self.task_name, {"rng": self.np_random.bit_generator.state, "goal_idx": self.goal_idx}
+
+    def load_checkpoint(self, ckpts: list[tuple[str, dict]]) -> None:
+        ckpt = dict(ckpts)[self.task_name]
+        self.np_random.bit_generator.state = ckpt["rng"]
+        self.goal_idx = ckpt["goal_idx"]
+
+
+def _toy_env(task_id: int, cfg: EnvConfig, seed: int, evaluation: bool) -> gym.Env:
+    env = ToyReachEnv(task_id, cfg.toy_tasks, cfg.num_goals, seed, evaluation)
+    env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
+    return gym.wrappers.RecordEpisodeStatistics(env)
+
+
+def _make_toy_envs(cfg: EnvConfig, seed: int, evaluation: bool, strategy: str) -> gym.vector.VectorEnv:
+    fns = [partial(_toy_env, i, cfg, seed, evaluation) for i in range(cfg.toy_tasks)]
+    vector_cls = gym.vector.SyncVectorEnv if strategy == "sync" else gym.vector.AsyncVectorEnv
+    return vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

@@ -1,0 +1,79 @@
+"""Success-rate evaluation following the Meta-World+ protocol.
+
+Separate evaluation envs (`terminate_on_success=True`, pseudorandom goal sweep), the policy's
+deterministic action, `episodes` episodes per task counted in the order they end, and an episode
+succeeds if `info["success"]` was 1 at any step. Same loop as `metaworld.evaluation.evaluation`,
+so on the same envs and policy both give the same numbers (tests/test_evaluation.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import gymnasium as gym
+import numpy as np
+
+
+class Agent(Protocol):
+    def eval_action(self, observations: np.ndarray) -> np.ndarray: ...
+
+    def reset(self, env_mask: np.ndarray) -> None: ...
+
+
+@dataclass
+class EvalResult:
+    mean_success: float
+    mean_return: float
+    per_task: dict[str, dict[str, float]]  # task -> {"success": rate, "return": mean return}
+
+    def to_dict(self) -> dict:
+        return {"mean_success": self.mean_success, "mean_return": self.mean_return, "per_task": self.per_task}
+
+
+def reported(info: dict, key: str, num_envs: int) -> np.ndarray:
+    """`info[key]` where the vector env reported it, False elsewhere."""
+    if key not in info:
+        return np.zeros(num_envs, dtype=bool)
+    present = info.get(f"_{key}", np.ones(num_envs, dtype=bool))
+    return np.asarray(info[key], dtype=float).astype(bool) & present
+
+
+def evaluate(agent: Agent, envs: gym.vector.VectorEnv, task_names: list[str], episodes: int) -> EvalResult:
+    """Run until every task has `episodes` finished episodes; sub-env i is task `task_names[i]`."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, found {episodes}")
+    n = envs.num_envs
+    if len(task_names) != n:
+        raise ValueError(f"{len(task_names)} task names for {n} envs")
+    obs, _ = envs.reset()
+    agent.reset(np.ones(n, dtype=bool))
+    returns: list[list[float]] = [[] for _ in range(n)]
+    successes: list[list[bool]] = [[] for _ in range(n)]
+    succeeded = np.zeros(n, dtype=bool)  # success seen so far in each env's current episode
+
+    while min(len(r) for r in returns) < episodes:
+        obs, _, terminated, truncated, info = envs.step(agent.eval_action(obs))
+        done = np.logical_or(terminated, truncated)
+        agent.reset(done)
+        succeeded |= reported(info, "success", n)
+        if done.any():
+            final = info["final_info"]
+            final_success = reported(final, "success", n)
+            for i in np.flatnonzero(done):
+                returns[i].append(float(final["episode"]["r"][i]))
+                successes[i].append(bool(succeeded[i] or final_success[i]))
+            succeeded[done] = False
+
+    per_task = {
+        name: {
+            "success": float(np.mean(successes[i][:episodes])),
+            "return": float(np.mean(returns[i][:episodes])),
+        }
+        for i, name in enumerate(task_names)
+    }
+    return EvalResult(
+        mean_success=float(np.mean([t["success"] for t in per_task.values()])),
+        mean_return=float(np.mean([t["return"] for t in per_task.values()])),
+        per_task=per_task,
+    )

@@ -1,0 +1,124 @@
+"""Per-task gradients of one network in one batched pass, and writing an update into `.grad`.
+
+A `TaskObjective` describes task k's loss as a pure function of the parameters and task k's
+slice of the `[K, B, ...]` batch. Two ways to differentiate it:
+
+- `mean_backward`: one ordinary backward of the summed losses (what `mean` needs: no Jacobian);
+- `task_jacobian`: `vmap(grad(loss))` over the task dimension. Each task's forward and backward
+  runs on its own B samples, so the whole K x n matrix costs about one mean-loss backward,
+  instead of K backward passes with `retain_graph` as in the published code.
+
+Shared parameters receive the combined update; task-specific parameters (multi-head layers,
+per-task temperatures; leading dimension K) receive their own task's gradient unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import grad, vmap
+
+Params = dict[str, torch.Tensor]
+# loss_fn(shared, task, inputs, consts) -> (scalar loss of one task, aux)
+LossFn = Callable[[Params, Params, tuple, tuple], tuple[torch.Tensor, Any]]
+
+
+@dataclass
+class TaskObjective:
+    name: str
+    loss_fn: LossFn
+    shared: dict[str, torch.nn.Parameter]
+    task: dict[str, torch.nn.Parameter]
+    inputs: tuple[torch.Tensor, ...]  # leading dimension K
+    consts: tuple[Any, ...] = field(default_factory=tuple)  # identical for every task
+
+    @property
+    def num_tasks(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.shared.values(), *self.task.values()]
+
+
+_IN_DIMS = (None, 0, 0, None)
+
+
+def task_losses(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
+    """The K per-task losses (and aux), differentiable w.r.t. the real parameters."""
+    o = objective
+    return vmap(o.loss_fn, in_dims=_IN_DIMS)(dict(o.shared), dict(o.task), o.inputs, o.consts)
+
+
+def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
+    """`.grad` of shared parameters = grad of mean_k L_k; task-specific ones get grad of their own L_k.
+
+    One backward of `sum_k L_k` gives every task-specific slice its own task's gradient; the
+    shared gradients are then divided by K, which is exactly `loss.mean().backward()` for them.
+    """
+    losses, aux = task_losses(objective)
+    params = objective.parameters()
+    grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    k = objective.num_tasks
+    for p, g in zip(params, grads, strict=True):
+        p.grad = torch.zeros_like(p) if g is None else g
+    for p in objective.shared.values():
+        p.grad.div_(k)
+    return losses.detach(), aux
+
+
+@dataclass
+class TaskGradients:
+    matrix: torch.Tensor | None  # [k, n] gradients of the shared parameters, one row per task
+    task: Params  # task-specific gradients, leading dimension k
+    losses: torch.Tensor  # [k]
+    aux: Any
+    tasks: torch.Tensor | None  # which tasks the rows belong to (None: all, in order)
+
+
+def task_jacobian(objective: TaskObjective, tasks: torch.Tensor | None = None) -> TaskGradients:
+    """Per-task gradients of every parameter in one vmapped pass; only `tasks` rows if given."""
+    o = objective
+
+    def select(x: torch.Tensor) -> torch.Tensor:
+        return x if tasks is None else x.index_select(0, tasks)
+
+    shared = {name: p.detach() for name, p in o.shared.items()}
+    task = {name: select(p.detach()) for name, p in o.task.items()}
+    inputs = tuple(select(x) for x in o.inputs)
+
+    def loss_with_aux(shared: Params, task: Params, inputs: tuple, consts: tuple):
+        loss, aux = o.loss_fn(shared, task, inputs, consts)
+        return loss, (loss.detach(), aux)
+
+    per_task_grad = grad(loss_with_aux, argnums=(0, 1), has_aux=True)
+    (g_shared, g_task), (losses, aux) = vmap(per_task_grad, in_dims=_IN_DIMS)(shared, task, inputs, o.consts)
+    k = inputs[0].shape[0]
+    matrix = torch.cat([g.reshape(k, -1) for g in g_shared.values()], dim=1) if g_shared else None
+    return TaskGradients(matrix, g_task, losses, aux, tasks)
+
+
+def write_shared_grad(params: dict[str, torch.nn.Parameter], update: torch.Tensor) -> None:
+    """Split the flat update `d` back into the shared parameters' `.grad`."""
+    offset = 0
+    for p in params.values():
+        n = p.numel()
+        p.grad = update[offset : offset + n].view_as(p).clone()
+        offset += n
+    if offset != update.numel():
+        raise ValueError(f"update has {update.numel()} entries, the shared parameters {offset}")
+
+
+def write_task_grads(params: dict[str, torch.nn.Parameter], grads: Params, tasks: torch.Tensor | None) -> None:
+    """Each task's slice gets its own gradient; tasks that were not drawn get zero."""
+    for name, p in params.items():
+        if tasks is None:
+            p.grad = grads[name].clone()
+        else:
+            p.grad = torch.zeros_like(p).index_copy_(0, tasks, grads[name])
+
+
+def flat_numel(params: dict[str, torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params.values())

@@ -1,0 +1,94 @@
+"""Run logging: TensorBoard scalars, a JSON-lines metrics file and a console summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("mtrl")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class MetricLogger:
+    """Writes each record to TensorBoard and `metrics.jsonl`.
+
+    Values may be scalars or per-task vectors; a vector is logged as its (nan-ignoring) mean under
+    its key and per task under `key/<task>`. On resume, records after the checkpoint's step are
+    dropped from both sinks, so a run's metrics never hold gaps or duplicates.
+    """
+
+    def __init__(self, run_dir: Path, task_names: list[str], tensorboard: bool, resume_step: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.task_names = task_names
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(self.path)
+
+    def log(self, step: int, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": step, "kind": kind}
+        for key, value in values.items():
+            arr = np.asarray(value, dtype=np.float64)
+            if arr.ndim == 0:
+                record[key] = _finite_or_none(float(arr))
+                if self.writer is not None:
+                    self.writer.add_scalar(key, float(arr), step)
+                continue
+            mean = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+            record[key] = _finite_or_none(mean)
+            names = self.task_names if arr.shape[0] == len(self.task_names) else [str(i) for i in range(len(arr))]
+            record[f"{key}/per_task"] = {n: _finite_or_none(float(v)) for n, v in zip(names, arr, strict=True)}
+            if self.writer is not None:
+                self.writer.add_scalar(key, mean, step)
+                for n, v in zip(names, arr, strict=True):
+                    if math.isfinite(v):
+                        self.writer.add_scalar(f"{key}/{n}", float(v), step)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

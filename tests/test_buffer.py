@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from mtrl.buffer import Batch, MultiTaskReplayBuffer
+
+
+def _transition(k: int, step: int, obs_dim: int = 3) -> Batch:
+    task = np.arange(k, dtype=np.float32)
+    obs = np.stack([np.full(obs_dim, 100 * t + step, np.float32) for t in task])
+    return Batch(
+        obs=obs,
+        action=np.stack([[t, step] for t in task]).astype(np.float32),
+        reward=task + step,
+        next_obs=obs + 0.5,
+        terminated=np.zeros(k, np.float32),
+        truncated=np.full(k, step % 5 == 4, np.float32),
+    )
+
+
+def test_stratified_sample_has_equal_count_per_task_from_that_task_only():
+    k, buf = 4, MultiTaskReplayBuffer(4, 50, 3, 2, torch.device("cpu"))
+    for step in range(30):
+        buf.add(_transition(k, step))
+    g = torch.Generator().manual_seed(0)
+    batch = buf.sample(16, g, torch.device("cpu"))
+    assert batch.obs.shape == (4, 16, 3) and batch.action.shape == (4, 16, 2) and batch.reward.shape == (4, 16)
+    # every sampled transition of row t belongs to task t, and fields stay aligned
+    task_of_obs = torch.div(batch.obs[..., 0], 100, rounding_mode="floor")
+    assert torch.equal(task_of_obs, torch.arange(k).float()[:, None].expand(k, 16))
+    step = batch.obs[..., 0] - 100 * task_of_obs
+    assert torch.equal(batch.action[..., 1], step)
+    assert torch.equal(batch.reward, task_of_obs + step)
+    assert torch.equal(batch.next_obs, batch.obs + 0.5)
+    assert torch.equal(batch.truncated, (step % 5 == 4).float())
+
+
+def test_ring_buffer_overwrites_oldest_and_size_caps_at_capacity():
+    buf = MultiTaskReplayBuffer(2, 10, 3, 2, torch.device("cpu"))
+    for step in range(25):
+        buf.add(_transition(2, step))
+    assert buf.size == 10 and buf.cursor == 5
+    steps = set(buf.storage.action[0, :, 1].tolist())
+    assert steps == set(range(15, 25))
+
+
+def test_truncation_keeps_true_final_obs_and_is_not_terminal():
+    buf = MultiTaskReplayBuffer(1, 4, 2, 1, torch.device("cpu"))
+    final_obs = np.array([[7.0, 7.0]], np.float32)
+    buf.add(Batch(np.zeros((1, 2)), np.zeros((1, 1)), np.ones(1), final_obs, np.zeros(1), np.ones(1)))
+    batch = buf.sample(3, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert torch.equal(batch.next_obs[0, 0], torch.tensor([7.0, 7.0]))
+    assert batch.terminated.sum() == 0 and batch.truncated.sum() == 3
+
+
+def test_sampling_is_deterministic_per_generator_and_state_round_trips():
+    buf = MultiTaskReplayBuffer(3, 20, 3, 2, torch.device("cpu"))
+    for step in range(13):
+        buf.add(_transition(3, step))
+    a = buf.sample(8, torch.Generator().manual_seed(5), torch.device("cpu"))
+    other = MultiTaskReplayBuffer(3, 20, 3, 2, torch.device("cpu"))
+    other.load_state_dict(buf.state_dict())
+    b = other.sample(8, torch.Generator().manual_seed(5), torch.device("cpu"))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert (other.size, other.cursor) == (13, 13)
+
+
+def test_empty_buffer_and_capacity_mismatch_are_errors():
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="empty"):
+        buf.sample(1, torch.Generator(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="capacity"):
+        MultiTaskReplayBuffer(2, 6, 3, 2, torch.device("cpu")).load_state_dict(buf.state_dict())
