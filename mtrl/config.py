@@ -93,6 +93,9 @@ class TrainConfig:
     grad_clip_norm: float | None = _f(None, "clip each network's gradient to this norm (null = off)")
     q_target_clip: float | None = _f(None, "clip critic targets to [-x, x] (null = off)")
     max_bad_updates: int = _f(100, "stop the run after this many consecutive non-finite updates")
+    torch_threads: int = _f(
+        0, "CPU threads for torch; 0 = half the cores (leaves the rest to the envs: oversubscribed threads stall)"
+    )
 
 
 @dataclass
@@ -270,6 +273,7 @@ def validate(cfg: Config) -> None:
     _check(train.updates_per_step >= 1, f"train.updates_per_step must be >= 1, found {train.updates_per_step}")
     _check(train.batch_per_task >= 1, f"train.batch_per_task must be >= 1, found {train.batch_per_task}")
     _check(train.buffer_capacity >= 1, f"train.buffer_capacity must be >= 1, found {train.buffer_capacity}")
+    _check(train.torch_threads >= 0, f"train.torch_threads must be >= 0, found {train.torch_threads}")
     _check(train.max_bad_updates >= 1, f"train.max_bad_updates must be >= 1, found {train.max_bad_updates}")
     for key in ("grad_clip_norm", "q_target_clip"):
         value = getattr(train, key)

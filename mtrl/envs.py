@@ -9,6 +9,7 @@ Build them once per process and reuse them (Meta-World construction is slow).
 from __future__ import annotations
 
 import json
+import warnings
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,9 @@ import numpy as np
 from mtrl.config import ConfigError, EnvConfig
 
 TOY_PREFIX = "toy-"
+
+# Meta-World declares float64 bounds on float32 spaces; gymnasium warns on every construction.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
 
 
 def _metaworld():

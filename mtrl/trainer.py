@@ -9,6 +9,7 @@ episode that was in progress restarts from its beginning with the same goal.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.device)
+        # Tiny activations late in training turn into subnormal floats, which x86 CPUs compute
+        # many times slower; flushing them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
+        # Torch's worker threads spin-wait for each other: when envs or other processes hold the
+        # cores they wait on, an update can take 100x longer. Half the cores is a safe default.
+        torch.set_num_threads(cfg.train.torch_threads or max(1, (os.cpu_count() or 2) // 2))
         self.tasks = task_names(cfg.env)
         self.num_tasks = len(self.tasks)
         self.counters = Counters()
@@ -198,7 +205,7 @@ class Trainer:
         ep_len = cfg.env.max_episode_steps
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         obs = self._reset_envs()
-        step_in_episode = c.env_steps % ep_len
+        step_in_episode = 0  # a resumed run restarts the episode that was in progress
         ep_return = np.zeros(self.num_tasks)
         ep_success = np.zeros(self.num_tasks, dtype=bool)
         window = {"time": time.perf_counter(), "steps": c.env_steps, "updates": c.updates}

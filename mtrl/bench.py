@@ -1,0 +1,137 @@
+"""`mtrl bench update`: the cost of one full SAC update per combiner, side by side.
+
+For each device and K, every combiner runs the same full update (critic + actor + temperature)
+on the same synthetic stratified batch. Alongside, the critic's per-task Jacobian and a plain
+mean-loss backward of the same critic loss are timed, which is the ratio the one-pass Jacobian is
+judged by. Medians over `--repeats` after warm-up; CUDA timings are synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mtrl.buffer import Batch
+from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.config import AgentConfig, ConfigError
+from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian
+from mtrl.sac import MTSAC
+
+OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generator: torch.Generator) -> Batch:
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device)
+
+    one_hot = torch.eye(k, device=device)[:, None, :].expand(k, b, k)
+    obs = torch.cat([randn(k, b, obs_dim), one_hot], dim=-1)
+    next_obs = torch.cat([randn(k, b, obs_dim), one_hot], dim=-1)
+    action = torch.rand(k, b, ACT_DIM, generator=generator, device=device) * 2 - 1
+    zeros = torch.zeros(k, b, device=device)
+    return Batch(obs, action, randn(k, b), next_obs, zeros, zeros)
+
+
+def _agent(k: int, hidden: list[int], name: str, device: torch.device) -> MTSAC:
+    optimizer = "adatask" if name == "adatask" else "adam"
+    combiner = make_combiner("mean" if name == "adatask" else name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        agent = MTSAC(
+            OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=hidden), combiner, ["critic", "actor"], optimizer
+        )
+    return agent.to(device)
+
+
+def bench_update(
+    combiners: list[str], tasks: list[int], devices: list[torch.device], b: int, hidden: list[int], repeats: int
+) -> list[dict]:
+    records = []
+    for device in devices:
+        for k in tasks:
+            gen = torch.Generator(device=device).manual_seed(0)
+            cpu_gen = torch.Generator().manual_seed(0)
+            batch = synthetic_batch(k, b, OBS_DIM, device, gen)
+
+            # the critic loss alone: Jacobian vs mean-loss backward, on identical inputs
+            ref = _agent(k, hidden, "mean", device)
+            target = batch.reward.clone()
+            shared, task = ref.params["critic"]
+            objective = TaskObjective("critic", ref._critic_loss, shared, task, (batch.obs, batch.action, target))
+            jacobian_ms = median_ms(lambda o=objective: task_jacobian(o), device, repeats)
+            mean_backward_ms = median_ms(lambda o=objective: mean_backward(o), device, repeats)
+
+            mean_update_ms = None
+            for name in combiners:
+                agent = _agent(k, hidden, name, device)
+                update_ms = median_ms(lambda a=agent: a.update(batch, gen, cpu_gen), device, repeats)
+                if name == "mean":
+                    mean_update_ms = update_ms
+                records.append(
+                    {
+                        "combiner": name,
+                        "K": k,
+                        "device": str(device),
+                        "update_ms": round(update_ms, 3),
+                        "ratio_to_mean": None if mean_update_ms is None else round(update_ms / mean_update_ms, 3),
+                        "jacobian_ms": round(jacobian_ms, 3),
+                        "mean_backward_ms": round(mean_backward_ms, 3),
+                        "jacobian_ratio": round(jacobian_ms / mean_backward_ms, 3),
+                        "batch_per_task": b,
+                        "hidden": hidden,
+                    }
+                )
+    return records
+
+
+def run_update_bench(args: argparse.Namespace) -> int:
+    names = ["mean", *[n for n in COMBINERS if n != "mean"], "adatask"]
+    if args.combiners != "all":
+        names = [n.strip() for n in args.combiners.split(",")]
+        unknown = [n for n in names if n not in COMBINERS and n != "adatask"]
+        if unknown:
+            raise ConfigError(f"unknown combiner(s) {unknown}; choose from: {', '.join([*COMBINERS, 'adatask'])}")
+        names = ["mean", *[n for n in names if n != "mean"]]  # mean first: the other ratios refer to it
+    if args.devices == "auto":
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(d.strip()) for d in args.devices.split(",")]
+    tasks = [int(k) for k in args.tasks.split(",")]
+    hidden = [int(h) for h in args.hidden.split(",")]
+    records = bench_update(names, tasks, devices, args.batch_per_task, hidden, args.repeats)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        header = (
+            f"{'combiner':<11} {'K':>3} {'device':<6} {'update_ms':>10} {'x mean':>7} {'jac_ms':>8} {'mean_bw_ms':>10}"
+        )
+        print(header)
+        for r in records:
+            print(
+                f"{r['combiner']:<11} {r['K']:>3} {r['device']:<6} {r['update_ms']:>10.2f} {r['ratio_to_mean']:>7.2f} "
+                f"{r['jacobian_ms']:>8.2f} {r['mean_backward_ms']:>10.2f}"
+            )
+    return 0

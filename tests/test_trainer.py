@@ -1,0 +1,129 @@
+"""End-to-end behaviour of the trainer on the toy benchmark: determinism, resume, checkpoints."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtrl import checkpoint as ckpt
+from mtrl import load_policy
+from mtrl.cli import main
+from mtrl.logger import METRICS_FILE
+from mtrl.trainer import Trainer
+from tests.conftest import toy_config
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """The run's records without wall-clock figures."""
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
+
+
+def _train(run_dir: Path, *overrides: str) -> Trainer:
+    trainer = Trainer(toy_config(run_dir, *overrides), run_dir)
+    assert trainer.train() == 0
+    return trainer
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+    _train(tmp_path / "a")
+    _train(tmp_path / "b")
+    _train(tmp_path / "c", "seed=1")
+    a, b, c = _metrics(tmp_path / "a"), _metrics(tmp_path / "b"), _metrics(tmp_path / "c")
+    assert [r["step"] for r in a if r["kind"] == "train"] == list(range(20, 201, 20))
+    assert [r["step"] for r in a if r["kind"] == "eval"] == [100, 200]
+    assert a == b
+    assert a != c
+
+
+def test_resume_continues_step_count_and_metrics_exactly(tmp_path):
+    _train(tmp_path / "straight", "checkpoint.save_buffer=true")
+    split = tmp_path / "split"
+    _train(split, "checkpoint.save_buffer=true", "train.total_steps=100")
+    assert ckpt.latest_checkpoint(split).name == "step_0000000100.pt"
+    resumed = Trainer(toy_config(split, "checkpoint.save_buffer=true"), split, resume=True)
+    assert resumed.counters.env_steps == 100
+    assert resumed.train() == 0
+    assert resumed.counters.env_steps == 200
+    assert _metrics(split) == _metrics(tmp_path / "straight")  # no gap, no duplicate, same numbers
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.total_steps=160", "checkpoint.every=100")
+    # the run logged up to step 160, but its newest checkpoint before the end is step 100:
+    (run / "checkpoints" / "step_0000000160.pt").unlink()
+    trainer = Trainer(toy_config(run, "train.total_steps=160"), run, resume=True)
+    steps = [r["step"] for r in _metrics(run)]
+    assert max(steps) == 100
+    trainer.train()
+    train_steps = [r["step"] for r in _metrics(run) if r["kind"] == "train"]
+    assert train_steps == list(range(20, 161, 20))
+
+
+def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
+    trainer = _train(tmp_path / "run", "agent.variant=multihead")
+    obs = np.random.default_rng(0).normal(size=(3, trainer.obs_dim)).astype(np.float32)
+    expected = trainer.policy().eval_action(obs)
+    for path in (tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "run"):
+        policy = load_policy(path)
+        np.testing.assert_array_equal(policy.eval_action(obs), expected)
+    state = ckpt.load(tmp_path / "run")
+    assert state["counters"]["env_steps"] == 200 and "buffer" not in state
+
+
+def test_keep_last_n_and_best(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "checkpoint.every=20", "checkpoint.keep_last=2")
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best.pt", "step_0000000180.pt", "step_0000000200.pt"]
+    best = ckpt.load(run / "checkpoints" / "best.pt")
+    assert best["counters"]["best_success"] == max(r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval")
+
+
+def test_tampered_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": ckpt.FORMAT_VERSION, "payload": Exploit()}, bad)
+    with pytest.raises(ckpt.CheckpointError, match="not a safe checkpoint"):
+        ckpt.load(bad)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"format": 1}))
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(raw)
+
+
+def test_cli_eval_prints_the_json_contract(tmp_path, capsys):
+    _train(tmp_path / "run")
+    assert main(["eval", str(tmp_path / "run"), "--episodes", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"mean_success", "mean_return", "per_task"}
+    assert set(out["per_task"]) == {"toy-0", "toy-1", "toy-2"}
+    for task in out["per_task"].values():
+        assert set(task) == {"success", "return"} and 0.0 <= task["success"] <= 1.0
+    assert out["mean_success"] == pytest.approx(np.mean([t["success"] for t in out["per_task"].values()]))
+
+
+def test_toy_agent_learns(tmp_path):
+    """Not just 'it ran': a short run on the toy benchmark must beat the untrained policy."""
+    run = tmp_path / "run"
+    _train(
+        run,
+        "train.total_steps=3000",
+        "eval.every=3000",
+        "eval.episodes=5",
+        "log.every=500",
+        "agent.hidden_sizes=[64,64]",
+        "train.batch_per_task=32",
+    )
+    final = [r for r in _metrics(run) if r["kind"] == "eval"][-1]
+    assert final["eval/mean_success"] >= 0.6
