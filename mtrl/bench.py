@@ -87,7 +87,7 @@ def bench_update(
             mean_update_ms = None
             for name in combiners:
                 agent = _agent(k, hidden, name, device)
-                update_ms = median_ms(lambda a=agent: a.update(batch, gen, cpu_gen), device, repeats)
+                update_ms = median_ms(lambda a=agent, x=batch, g=gen, c=cpu_gen: a.update(x, g, c), device, repeats)
                 if name == "mean":
                     mean_update_ms = update_ms
                 records.append(

@@ -84,22 +84,33 @@ def make_envs(cfg: EnvConfig, seed: int, evaluation: bool, vector_strategy: str 
 
 
 def env_checkpoint(envs: gym.vector.VectorEnv) -> str:
-    """Per-sub-env RNG state as JSON (Meta-World's checkpoint format, minus the task list).
+    """Per-sub-env RNG and goal-order state as JSON, in Meta-World's checkpoint format.
 
-    Meta-World stores each task as a pickle; it is left out so that loading a checkpoint never
-    unpickles anything. The task list itself is rebuilt from the seed when the envs are made.
+    Meta-World stores each goal ("task") as a pickle. The checkpoint keeps only the order of the
+    goals, as positions in their sorted serialised form, so that loading never unpickles data
+    that came from a file: the goals themselves are rebuilt from the seed when the envs are made.
     """
-    states = [(env_id, {k: v for k, v in ckpt.items() if k != "tasks"}) for env_id, ckpt in envs.call("get_checkpoint")]
+    states = []
+    for env_id, ckpt in envs.call("get_checkpoint"):
+        state = {k: v for k, v in ckpt.items() if k != "tasks"}
+        if "tasks" in ckpt:
+            canonical = sorted(t["data"] for t in ckpt["tasks"])
+            state["task_order"] = [canonical.index(t["data"]) for t in ckpt["tasks"]]
+        states.append((env_id, state))
     return json.dumps(states)
 
 
 def load_env_checkpoint(envs: gym.vector.VectorEnv, state: str) -> None:
-    saved = dict((env_id, ckpt) for env_id, ckpt in json.loads(state))
+    saved = {env_id: ckpt for env_id, ckpt in json.loads(state)}
     merged = []
     for env_id, live in envs.call("get_checkpoint"):
         if env_id not in saved:
             raise ValueError(f"checkpoint has no state for env {env_id!r}: it was saved for other tasks")
-        merged.append((env_id, {**live, **saved[env_id]}))
+        restored = {**live, **{k: v for k, v in saved[env_id].items() if k != "task_order"}}
+        if "task_order" in saved[env_id]:
+            canonical = sorted(live["tasks"], key=lambda t: t["data"])
+            restored["tasks"] = [canonical[i] for i in saved[env_id]["task_order"]]
+        merged.append((env_id, restored))
     envs.call("load_checkpoint", merged)
 
 

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mtrl.adatask import AdaTask
 from mtrl.buffer import Batch
 from mtrl.combiners import Combiner
 from mtrl.config import AgentConfig
@@ -84,6 +83,8 @@ class MTSAC(nn.Module):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for net, (shared, task) in self.params.items():
             if optimizer == "adatask" and shared:
+                from mtrl.adatask import AdaTask
+
                 self.optimizers[f"{net}_shared"] = AdaTask(list(shared.values()), num_tasks, lr=lrs[net])
                 if task:
                     self.optimizers[net] = torch.optim.Adam(list(task.values()), lr=lrs[net])
@@ -225,7 +226,7 @@ class MTSAC(nn.Module):
                 shared, task = self.params[net]
                 torch.nn.utils.clip_grad_norm_([*shared.values(), *task.values()], self.grad_clip_norm)
         for name, opt in self.optimizers.items():
-            if isinstance(opt, AdaTask):
+            if name.endswith("_shared"):  # AdaTask: consumes the per-task gradient matrix itself
                 opt.step_tasks(self._task_matrix[name.removesuffix("_shared")])
             else:
                 opt.step()

@@ -138,6 +138,7 @@ class Trainer:
             "combiner": self.combiner.state_dict(),
             "rng": {"cpu": self.gen_cpu.get_state(), "device": self.gen_device.get_state()},
             "env_state": self.episode_start_env_state,
+            "eval_env_state": env_checkpoint(self.eval_envs),
             "last_eval": None if self.last_eval is None else self.last_eval.to_dict(),
         }
         if self.cfg.checkpoint.save_buffer:
@@ -170,6 +171,7 @@ class Trainer:
         self.gen_device.set_state(state["rng"]["device"].to("cpu"))
         self.counters = Counters(**state["counters"])
         self.episode_start_env_state = state["env_state"]
+        load_env_checkpoint(self.eval_envs, state["eval_env_state"])
         if state.get("last_eval"):
             self.last_eval = EvalResult(**state["last_eval"])
         if "buffer" in state:

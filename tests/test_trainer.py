@@ -68,7 +68,7 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
     trainer = _train(tmp_path / "run", "agent.variant=multihead")
     obs = np.random.default_rng(0).normal(size=(3, trainer.obs_dim)).astype(np.float32)
     expected = trainer.policy().eval_action(obs)
-    for path in (tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "run"):
+    for path in (ckpt.latest_checkpoint(tmp_path / "run"), tmp_path / "run"):
         policy = load_policy(path)
         np.testing.assert_array_equal(policy.eval_action(obs), expected)
     state = ckpt.load(tmp_path / "run")
@@ -104,6 +104,7 @@ def test_tampered_pickle_is_refused_without_running_it(tmp_path):
 
 def test_cli_eval_prints_the_json_contract(tmp_path, capsys):
     _train(tmp_path / "run")
+    capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--episodes", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"mean_success", "mean_return", "per_task"}
