@@ -167,7 +167,7 @@ class ToyReachEnv(gym.Env):
         action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
         self.pos = np.clip(self.pos + 0.1 * action, -1.0, 1.0).astype(np.float32)
         dist = float(np.linalg.norm(self.pos - self.goal))
-        success = float(dist < 0.05)
+        success = float(dist < 0.1)
         reward = 1.0 - dist + success
         terminated = bool(success) and self.terminate_on_success
         return self._obs(), reward, terminated, False, {"success": success}

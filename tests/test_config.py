@@ -81,3 +81,21 @@ def test_mtsac_presets_follow_the_recipe():
     assert load_config(CONFIGS / "mt50_mtsac.yaml").env.benchmark == "MT50"
     paper = load_config(CONFIGS / "mt10_mtsac_paper.yaml").env
     assert (paper.reward_version, paper.max_episode_steps, paper.num_goals) == ("v1", 150, 1)
+
+
+@pytest.mark.parametrize("bench", ["mt10", "mt50"])
+def test_method_presets_differ_from_the_baseline_only_in_the_method(bench):
+    from mtrl.combiners import COMBINERS
+    from mtrl.config import to_dict
+
+    baseline = to_dict(load_config(CONFIGS / f"{bench}_mtsac.yaml"))
+    methods = [n for n in COMBINERS if n != "mean"] + ["adatask"]
+    for name in methods:
+        preset = to_dict(load_config(CONFIGS / f"{bench}_{name}.yaml"))
+        differing = {key for key in baseline if preset[key] != baseline[key]}
+        assert differing == ({"optimizer"} if name == "adatask" else {"combiner"}), name
+        if name != "adatask":
+            assert preset["combiner"]["name"] == name
+    cagrad = load_config(CONFIGS / f"{bench}_cagrad.yaml").combiner
+    assert (cagrad.c, cagrad.rescale) == ({"mt10": 0.9, "mt50": 0.5}[bench], 1)
+    assert load_config(CONFIGS / f"{bench}_sdmgrad_os.yaml").combiner.n == {"mt10": 4, "mt50": 8}[bench]

@@ -115,16 +115,13 @@ def test_cli_eval_prints_the_json_contract(tmp_path, capsys):
 
 
 def test_toy_agent_learns(tmp_path):
-    """Not just 'it ran': a short run on the toy benchmark must beat the untrained policy."""
+    """Not just 'it ran': a short run on the toy benchmark must solve most episodes.
+
+    The policy before learning succeeds in 0 of 30 episodes (the first evaluation, at step 500).
+    """
     run = tmp_path / "run"
-    _train(
-        run,
-        "train.total_steps=3000",
-        "eval.every=3000",
-        "eval.episodes=5",
-        "log.every=500",
-        "agent.hidden_sizes=[64,64]",
-        "train.batch_per_task=32",
-    )
-    final = [r for r in _metrics(run) if r["kind"] == "eval"][-1]
-    assert final["eval/mean_success"] >= 0.6
+    overrides = ["env.max_episode_steps=30", "agent.hidden_sizes=[64,64]", "train.batch_per_task=64"]
+    _train(run, *overrides, "train.total_steps=2500", "eval.every=500", "eval.episodes=10", "log.every=500")
+    evals = [r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval"]
+    assert evals[0] == 0.0
+    assert evals[-1] >= 0.7, evals
