@@ -21,6 +21,7 @@ from mtrl.combiners import COMBINERS, make_combiner
 from mtrl.config import AgentConfig, ConfigError
 from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian
 from mtrl.sac import MTSAC
+from mtrl.trainer import set_cpu_threads
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
 
@@ -119,6 +120,7 @@ def run_update_bench(args: argparse.Namespace) -> int:
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
         devices = [torch.device(d.strip()) for d in args.devices.split(",")]
+    set_cpu_threads(args.threads)
     tasks = [int(k) for k in args.tasks.split(",")]
     hidden = [int(h) for h in args.hidden.split(",")]
     records = bench_update(names, tasks, devices, args.batch_per_task, hidden, args.repeats)

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--batch-per-task", type=int, default=128, help="samples per task (default 128)")
     upd.add_argument("--hidden", default="400,400,400", help="hidden widths (default 400,400,400)")
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
+    upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
     return parser
 
