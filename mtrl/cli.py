@@ -109,18 +109,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from mtrl.checkpoint import load
     from mtrl.config import config_from_dict
     from mtrl.envs import make_envs, task_names
     from mtrl.evaluation import evaluate
     from mtrl.policy import Policy, build_actor
-    from mtrl.trainer import EVAL_SEED_OFFSET
+    from mtrl.trainer import EVAL_SEED_OFFSET, resolve_device
 
     if args.episodes is not None and args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, found {args.episodes}")
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     state = load(args.checkpoint, map_location=device)
     policy = Policy(build_actor(state, device), device)
     cfg = config_from_dict(state["config"])

@@ -149,6 +149,13 @@ def _one_line(err: Exception) -> str:
     return str(err).splitlines()[0]
 
 
+def _check_sections(schema: DictConfig, layer: DictConfig) -> None:
+    """A section (`train`, `agent`, ...) given a plain value: OmegaConf's merge error would not name it."""
+    for key in layer:
+        if OmegaConf.is_dict(schema.get(key)) and not OmegaConf.is_dict(layer[key]):
+            raise ConfigError(f"{key} must be a mapping of {key}.* keys, found {layer[key]!r}")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -159,24 +166,33 @@ def load_config(
     layers: list[DictConfig] = [] if base is None else [OmegaConf.create(base)]
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cannot read {path}: not UTF-8 text") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
-        layers.append(OmegaConf.create(data))
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
+        if path is not None:
+            layers.append(OmegaConf.create(data))
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers:
+            _check_sections(schema, layer)
         merged = OmegaConf.merge(schema, *layers)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mtrl import checkpoint as ckpt
 from mtrl.buffer import Batch, MultiTaskReplayBuffer
 from mtrl.combiners import make_combiner
-from mtrl.config import Config, config_from_dict, to_dict, to_yaml
+from mtrl.config import Config, ConfigError, config_from_dict, to_dict, to_yaml
 from mtrl.envs import env_checkpoint, load_env_checkpoint, make_envs, task_names
 from mtrl.evaluation import EvalResult, evaluate, reported
 from mtrl.logger import MetricLogger, log
@@ -60,9 +60,14 @@ def set_cpu_threads(requested: int = 0) -> int:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return device
 
 
@@ -116,9 +121,10 @@ class Trainer:
         self.last_eval: EvalResult | None = None
         self._stop_signal: int | None = None
 
-        resume_step = None
-        if resume:
-            resume_step = self._restore()
+        resume_step = self._restore() if resume else None
+        # Only now that the run will start (a rejected resume writes nothing): temporaries of
+        # checkpoint writes cut short by a kill.
+        ckpt.remove_partial_writes(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.logger = MetricLogger(self.run_dir, self.tasks, cfg.log.tensorboard, resume_step)
@@ -158,7 +164,6 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             raise ckpt.CheckpointError(f"no checkpoint to resume from in {self.run_dir}")
-        ckpt.remove_partial_writes(self.run_dir)
         state = ckpt.load(path, map_location="cpu")
         saved_cfg = config_from_dict(state["config"])
         if state["task_names"] != self.tasks or state["dims"] != {
@@ -174,6 +179,8 @@ class Trainer:
             for name, opt in self.agent.optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
             self.combiner.load_state_dict(state["combiner"])
+            if "buffer" in state:
+                self.buffer.load_state_dict(state["buffer"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise ckpt.CheckpointError(f"{path} does not match this config: {str(err).splitlines()[0]}") from None
         self.gen_cpu.set_state(state["rng"]["cpu"])
@@ -183,8 +190,6 @@ class Trainer:
         load_env_checkpoint(self.eval_envs, state["eval_env_state"])
         if state.get("last_eval"):
             self.last_eval = EvalResult(**state["last_eval"])
-        if "buffer" in state:
-            self.buffer.load_state_dict(state["buffer"])
         log.info("resumed from %s at step %d", path, self.counters.env_steps)
         return self.counters.env_steps
 
