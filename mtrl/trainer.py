@@ -121,13 +121,17 @@ class Trainer:
         self.last_eval: EvalResult | None = None
         self._stop_signal: int | None = None
 
-        resume_step = self._restore() if resume else None
+        # A fresh run starts at step 0: like a resume, it drops whatever was logged after its
+        # starting step, here by an attempt that was killed before its first checkpoint.
+        start_step = self._restore() if resume else 0
         # Only now that the run will start (a rejected resume writes nothing): temporaries of
         # checkpoint writes cut short by a kill.
         ckpt.remove_partial_writes(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.logger = MetricLogger(self.run_dir, self.tasks, cfg.log.tensorboard, resume_step)
+        config_tmp = self.run_dir / ".config.yaml.tmp"
+        config_tmp.write_text(to_yaml(cfg))
+        os.replace(config_tmp, self.run_dir / "config.yaml")
+        self.logger = MetricLogger(self.run_dir, self.tasks, cfg.log.tensorboard, start_step)
 
     # ----- set-up helpers ------------------------------------------------------------------
     def _buffer_device(self) -> torch.device:
