@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, TrainingError) as err:
         print(f"mtrl: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError | CheckpointError) else 1
+    except KeyboardInterrupt:  # before training installs its own handler (start-up, loading a checkpoint)
+        print("mtrl: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import mmap
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -48,8 +49,8 @@ from mtrl.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PHASE_ENV = "MTRL_TEST_PHASE_FILE"
-OTHER, UPDATE, EVAL, WRITE = 0, 1, 2, 3
-PHASE_NAMES = {OTHER: "other", UPDATE: "update", EVAL: "eval", WRITE: "checkpoint write"}
+OTHER, UPDATE, EVAL, WRITE, RESTORE = 0, 1, 2, 3, 4
+PHASE_NAMES = {OTHER: "other", UPDATE: "update", EVAL: "eval", WRITE: "checkpoint write", RESTORE: "restore"}
 PROBE_SIZE = 64
 
 TOTAL, LOG_EVERY, EVAL_EVERY, CKPT_EVERY, EPISODE = 320, 20, 80, 40, 20
@@ -100,6 +101,7 @@ def _instrumented_main(argv: list[str]) -> int:
     mtrl.sac.MTSAC.update = mark(UPDATE, mtrl.sac.MTSAC.update)
     mtrl.trainer.evaluate = mark(EVAL, mtrl.trainer.evaluate)
     mtrl.checkpoint.atomic_save = mark(WRITE, mtrl.checkpoint.atomic_save)
+    mtrl.trainer.Trainer._restore = mark(RESTORE, mtrl.trainer.Trainer._restore)
     from mtrl.cli import main
 
     return main(argv)
@@ -457,6 +459,26 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(
         if r["step"] <= stopped:
             assert r == reference.record(r["kind"], r["step"])
     assert ckpt.latest_checkpoint(run).name == f"step_{TOTAL:010d}.pt"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_loading_a_checkpoint_leaves_the_run_untouched(sig, tmp_path, reference):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    step = 2 * CKPT_EVERY
+    shutil.copy(reference.checkpoints[step], run / "checkpoints")
+    (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in reference.metrics if r["step"] <= step))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    probe = PhaseProbe(tmp_path / "phase")
+    proc = _launch(["train", "--resume", str(run)], tmp_path, tmp_path / "stderr", probe)
+    assert _signal_in_phase(proc, probe, RESTORE, 1, 0.0, sig)
+    probe.close()
+    err = (tmp_path / "stderr").read_text()
+    if sig == signal.SIGINT:  # handled: one line, the shell's code for an interrupt
+        assert proc.returncode == 130 and err == "mtrl: interrupted before training started; nothing was saved\n"
+    else:  # the default action: the process ends at once
+        assert proc.returncode == -sig and err == ""
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 if __name__ == "__main__":
