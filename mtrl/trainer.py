@@ -178,6 +178,11 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path} was saved for other tasks or dimensions than this config")
         if saved_cfg.agent != self.cfg.agent or saved_cfg.combiner.name != self.cfg.combiner.name:
             raise ckpt.CheckpointError(f"{path} was saved with another agent or combiner config")
+        step = state["counters"]["env_steps"]
+        if step > self.cfg.train.total_steps:
+            raise ConfigError(
+                f"train.total_steps must be >= the step of the checkpoint ({step}), found {self.cfg.train.total_steps}"
+            )
         try:
             self.agent.load_state_dict(state["agent"])
             for name, opt in self.agent.optimizers.items():

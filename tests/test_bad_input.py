@@ -297,6 +297,11 @@ CASES = [
         "buffer capacity mismatch",
     ),
     Case(
+        "resume with fewer total steps than done",
+        ("train", "--resume", RUN, "train.total_steps=60"),
+        "train.total_steps must be >= the step of the checkpoint (80), found 60",
+    ),
+    Case(
         "resume with an impossible override",
         ("train", "--resume", RUN, "train.total_steps=-1"),
         "train.total_steps must be > 0, found -1",
