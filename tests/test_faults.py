@@ -315,8 +315,9 @@ def run_campaign(root: Path, reference: Reference, kills: int, seed: int) -> Cam
             elif mode == "random":
                 killed = _signal_after(proc, rng.uniform(0.2, 5.0), signal.SIGKILL)
             elif mode in ("write", "first write"):
-                nth = 1 if mode == "first write" else rng.randint(1, 3)
-                killed = _signal_in_phase(proc, probe, WRITE, nth, rng.uniform(0, 0.01), signal.SIGKILL)
+                # The first write is killed as soon as it starts, however fast the disk.
+                nth, delay = (1, 0.0) if mode == "first write" else (rng.randint(1, 3), rng.uniform(0, 0.01))
+                killed = _signal_in_phase(proc, probe, WRITE, nth, delay, signal.SIGKILL)
             elif mode == "update":
                 killed = _signal_in_phase(
                     proc, probe, UPDATE, rng.randint(1, 100), rng.uniform(0, 5e-4), signal.SIGKILL
