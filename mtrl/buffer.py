@@ -80,7 +80,8 @@ class MultiTaskReplayBuffer:
             "cursor": self.cursor,
             "size": self.size,
             "capacity": self.capacity,
-            **{name: store[:, valid].cpu() for name, store in zip(FIELDS, self.storage, strict=True)},
+            # a copy of the filled part only: a slice would make torch.save write the whole buffer
+            **{name: store[:, valid].cpu().clone() for name, store in zip(FIELDS, self.storage, strict=True)},
         }
 
     def load_state_dict(self, state: dict) -> None:

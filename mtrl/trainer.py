@@ -117,6 +117,7 @@ class Trainer:
             self.act_dim,
             self._buffer_device(),
         )
+        self.learning_starts = cfg.train.warmup_steps  # no update before the buffer holds this many steps
         self.episode_start_env_state: str | None = None  # None: the first reset, from the seed
         self.last_eval: EvalResult | None = None
         self._stop_signal: int | None = None
@@ -190,6 +191,8 @@ class Trainer:
             self.combiner.load_state_dict(state["combiner"])
             if "buffer" in state:
                 self.buffer.load_state_dict(state["buffer"])
+            else:  # the replay buffer starts empty: refill it before learning again
+                self.learning_starts = step + self.cfg.train.warmup_steps
         except (RuntimeError, KeyError, ValueError) as err:
             raise ckpt.CheckpointError(f"{path} does not match this config: {str(err).splitlines()[0]}") from None
         self.gen_cpu.set_state(state["rng"]["cpu"])
@@ -272,7 +275,7 @@ class Trainer:
                         "training episodes ended out of step; the trainer expects synchronous time limits"
                     )
 
-                if c.env_steps >= cfg.train.warmup_steps:
+                if c.env_steps >= self.learning_starts:
                     for _ in range(cfg.train.updates_per_step):
                         update_metrics = self._update() or update_metrics
                 bar.update(1)

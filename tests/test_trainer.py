@@ -125,3 +125,21 @@ def test_toy_agent_learns(tmp_path):
     evals = [r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval"]
     assert evals[0] == 0.0
     assert evals[-1] >= 0.7, evals
+
+
+def test_resume_without_a_saved_buffer_refills_it_before_learning(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.total_steps=100")  # warm-up 40: updates at steps 40..100
+    resumed = Trainer(toy_config(run, "train.total_steps=160"), run, resume=True)
+    assert resumed.counters.updates == 61 and resumed.buffer.size == 0
+    resumed.train()
+    # 40 more steps of collection after the resume at step 100, then updates at steps 140..160
+    assert resumed.counters.updates == 61 + 21
+
+
+def test_checkpoint_holds_only_the_filled_part_of_the_buffer(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.total_steps=100", "checkpoint.save_buffer=true", "train.buffer_capacity=300000")
+    state = ckpt.load(run)
+    assert state["buffer"]["obs"].shape[:2] == (3, 100)
+    assert ckpt.latest_checkpoint(run).stat().st_size < 2_000_000  # the full buffer would be ~30 MB
