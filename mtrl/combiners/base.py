@@ -1,0 +1,167 @@
+"""The combiner interface, the Gramian it is computed from, and hyper-parameter checks.
+
+A combiner is pure maths: the K×n matrix G of per-task gradients (row i = ∇L_i) in, one update
+vector d of length n out. Every method except `mean` reduces to task weights w computed from the
+K×K Gramian A = G Gᵀ, followed by d = Gᵀw (see shared/spec/combiners.md, "Notation").
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Combiner(ABC):
+    """Maps per-task gradients G ([K, n]) to one update direction d ([n]) with d = Gᵀw.
+
+    Subclasses implement `weights`, which sees only the float64 Gramian. After each call,
+    `last_weights` holds the w that was used (in G's dtype), for diagnostics.
+    """
+
+    needs_jacobian: ClassVar[bool] = True
+    """False when the update is the plain mean, so one backward pass of mean_i L_i suffices."""
+
+    def __init__(self) -> None:
+        self.last_weights: Tensor | None = None
+
+    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        check_matrix(matrix)
+        products = gramian(matrix)
+        with _one_thread(matrix.device):
+            weights = self.weights(products, generator).to(matrix.dtype)
+        self.last_weights = weights
+        return weights @ matrix
+
+    @abstractmethod
+    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Task weights w ([K], float64, on the Gramian's device) such that the update is d = Gᵀw."""
+
+    def select_tasks(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        """Indices of the tasks whose gradients this update needs (drawn before any gradient is computed)."""
+        return torch.arange(num_tasks, device=generator.device)
+
+    @property
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, as given or defaulted."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self"}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried from one update to the next; empty for stateless combiners."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless, found state keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{name}={value!r}" for name, value in self.hyper_parameters.items())
+        return f"{type(self).__name__}({arguments})"
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the K×K solve on one CPU thread.
+
+    Its matrices are far too small to gain from threads, and on a busy CPU each tiny LAPACK call
+    that wakes MKL's OpenMP pool can stall for milliseconds (measured on 2 loaded cores, K = 50:
+    3 ms on one thread, 480 ms on two). The setting is process-wide, so it is restored at once.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_matrix(matrix: Tensor) -> None:
+    """Raise a ValueError unless `matrix` is a floating K×n tensor with K ≥ 1."""
+    if not isinstance(matrix, Tensor):
+        raise ValueError(f"the gradient matrix must be a torch.Tensor, found {type(matrix).__name__}")
+    if matrix.ndim != 2:
+        raise ValueError(f"the gradient matrix must be 2-D [K, n], found shape {tuple(matrix.shape)}")
+    if matrix.shape[0] < 1:
+        raise ValueError(f"the gradient matrix needs at least one task (row), found shape {tuple(matrix.shape)}")
+    if not matrix.is_floating_point():
+        raise ValueError(f"the gradient matrix must be floating point, found {matrix.dtype}")
+
+
+def gramian(matrix: Tensor) -> Tensor:
+    """A = G Gᵀ in float64, free of overflow and underflow for any scale of G.
+
+    G is first divided by the power of two nearest its largest entry; that division is exact, so A
+    equals G Gᵀ bit for bit wherever G Gᵀ is representable in G's dtype (a float32 row of 1e20s is not).
+    On the CPU the extra pass over G costs more than the product itself, so there it is only made
+    when G's scale needs it.
+    """
+    low, high = torch.aminmax(matrix)
+    largest = torch.maximum(high, -low)
+    if matrix.device.type == "cpu" and _product_is_safe(largest.item(), matrix.dtype, matrix.shape[1]):
+        product = (matrix @ matrix.T).double()
+    else:
+        scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent)
+        scaled = matrix / scale
+        product = (scaled @ scaled.T).double() * scale.double() ** 2
+    return (product + product.T) / 2
+
+
+def _product_is_safe(largest: float, dtype: torch.dtype, length: int) -> bool:
+    # Every entry of G Gᵀ is at most n·largest², and products of the largest entries must stay normal.
+    info = torch.finfo(dtype)
+    return largest == 0 or info.tiny / info.eps < largest**2 < info.max / (4 * max(length, 1))
+
+
+def normalised(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """(A / t, t) with t the mean diagonal of A (1 when A = 0): solvers then see entries of order one."""
+    trace = gramian.diagonal().mean()
+    trace = torch.where(trace > 0, trace, torch.ones_like(trace))
+    return gramian / trace, trace
+
+
+def rescale_divisor(c: float, rescale: int) -> float:
+    """CAGrad's final divisor r: 1, 1 + c², 1 + c for rescale 0, 1, 2 (Liu et al., 2021, official code)."""
+    return (1.0, 1.0 + c**2, 1.0 + c)[rescale]
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> float:
+    """Return `value` as a float (an int if `integer`), or raise a ValueError naming `name`."""
+    kind = "an integer" if integer else "a number"
+    wanted = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise ValueError(f"`{name}` must be {kind}, found {value!r}")
+    number = int(value) if integer else float(value)
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and number > high
+    if too_low or too_high or number != number:
+        if high is None:
+            bound = f"> {low:g}" if low_open else f">= {low:g}"
+            raise ValueError(f"`{name}` must be {bound}, found {value!r}")
+        raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low:g}, {high:g}], found {value!r}")
+    return number
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Return `value` if it is one of `choices`, or raise a ValueError naming `name`."""
+    if isinstance(value, bool) or value not in choices:
+        listed = ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"`{name}` must be one of {listed}, found {value!r}")
+    return value
