@@ -1,0 +1,103 @@
+import copy
+
+import pytest
+import torch
+
+from mtrl.adatask import AdaTask
+from tests.conftest import toy_config
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(3, 2, generator=g, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64)),
+    ]
+
+
+def _grads(k: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(k, 10, generator=g, dtype=torch.float64) * torch.arange(1, k + 1, dtype=torch.float64)[:, None]
+
+
+def test_one_task_is_exactly_adam():
+    ours, ref = _params(), _params()
+    ada = AdaTask(ours, num_tasks=1, lr=0.01)
+    adam = torch.optim.Adam(ref, lr=0.01)
+    for step in range(5):
+        grads = _grads(1, step)
+        ada.step_tasks(grads)
+        ref[0].grad, ref[1].grad = grads[0, :6].view(3, 2), grads[0, 6:]
+        adam.step()
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_two_tasks_sum_their_adaptive_steps():
+    # After one step m_hat = g and v_hat = g^2, so each task contributes sign(g_k) * |g_k| / (|g_k| + eps).
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+    ada = AdaTask(params, num_tasks=2, lr=0.1, eps=1e-8)
+    grads = torch.tensor([[1.0, -2.0, 0.5], [3.0, 2.0, 0.0]], dtype=torch.float64)
+    ada.step_tasks(grads)
+    expected = -0.1 * (grads / (grads.abs() + 1e-8)).sum(0)
+    torch.testing.assert_close(params[0].detach(), expected)
+    # golden value of the second step (computed once, by hand from the update rule)
+    ada.step_tasks(torch.tensor([[1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]], dtype=torch.float64))
+    m1 = torch.tensor([[1.0, -2.0, 0.5], [3.0, 2.0, 0.0]]) * 0.1 * 0.9 + 0.1 * torch.tensor([[1.0, 1, 1], [-1, 1, 1]])
+    v1 = torch.tensor([[1.0, 4, 0.25], [9, 4, 0]]) * 0.001 * 0.999 + 0.001 * 1.0
+    step2 = (m1 / (1 - 0.9**2)) / ((v1 / (1 - 0.999**2)).sqrt() + 1e-8)
+    torch.testing.assert_close(params[0].detach(), expected - 0.1 * step2.sum(0).double(), rtol=1e-6, atol=1e-9)
+
+
+def test_state_dict_round_trip_gives_identical_steps():
+    a_params, b_params = _params(), _params()
+    a = AdaTask(a_params, num_tasks=3, lr=0.01)
+    for step in range(3):
+        a.step_tasks(_grads(3, step))
+    with torch.no_grad():
+        for p, q in zip(b_params, a_params, strict=True):
+            p.copy_(q)
+    b = AdaTask(b_params, num_tasks=3, lr=0.01)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as a checkpoint would: no shared tensors
+    for step in range(3, 6):
+        a.step_tasks(_grads(3, step))
+        b.step_tasks(_grads(3, step))
+    for p, q in zip(a_params, b_params, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_tasks": 0}, "`num_tasks` must be >= 1, found 0"),
+        ({"num_tasks": 2, "lr": -1.0}, "`lr` must be > 0, found -1.0"),
+        ({"num_tasks": 2, "betas": (0.9, 1.0)}, "`betas` must be in [0, 1)"),
+        ({"num_tasks": 2, "eps": 0.0}, "`eps` must be > 0, found 0.0"),
+    ],
+)
+def test_bad_hyper_parameters_name_themselves(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        AdaTask(_params(), **kwargs)
+    assert message in str(info.value)
+
+
+def test_wrong_matrix_shape_and_plain_step_are_refused():
+    ada = AdaTask(_params(), num_tasks=2)
+    with pytest.raises(ValueError, match=r"shape \(2, 10\)"):
+        ada.step_tasks(torch.zeros(3, 10, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="step_tasks"):
+        ada.step()
+
+
+def test_training_with_adatask_moves_shared_weights_and_stays_finite(tmp_path):
+    from mtrl.trainer import Trainer
+
+    trainer = Trainer(
+        toy_config(tmp_path / "run", "optimizer.name=adatask", "agent.variant=multihead"), tmp_path / "run"
+    )
+    before = {n: p.detach().clone() for n, p in trainer.agent.critic.named_parameters()}
+    assert trainer.train() == 0
+    assert trainer.counters.updates == 161 and trainer.counters.bad_updates == 0
+    assert set(trainer.agent.optimizers) == {"critic_shared", "critic", "actor_shared", "actor", "alpha"}
+    for name, p in trainer.agent.critic.named_parameters():
+        assert torch.isfinite(p).all() and not torch.equal(p, before[name]), name
