@@ -146,7 +146,16 @@ def _launch(args: list[str], cwd: Path, stderr: Path, probe: PhaseProbe | None) 
         env[PHASE_ENV] = str(probe.path)
         cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     with stderr.open("w") as err:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # A shell without job control starts background jobs with SIGINT ignored, and children
+        # inherit that: give the trainer the default disposition a terminal user has.
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
 
 def _signal_in_phase(
