@@ -141,6 +141,7 @@ def check_number(
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
+    high_open: bool = False,
     integer: bool = False,
 ) -> float:
     """Return `value` as a float (an int if `integer`), or raise a ValueError naming `name`."""
@@ -150,12 +151,13 @@ def check_number(
         raise ValueError(f"`{name}` must be {kind}, found {value!r}")
     number = int(value) if integer else float(value)
     too_low = low is not None and (number <= low if low_open else number < low)
-    too_high = high is not None and number > high
+    too_high = high is not None and (number >= high if high_open else number > high)
     if too_low or too_high or number != number:
         if high is None:
             bound = f"> {low:g}" if low_open else f">= {low:g}"
             raise ValueError(f"`{name}` must be {bound}, found {value!r}")
-        raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low:g}, {high:g}], found {value!r}")
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must be in {interval}, found {value!r}")
     return number
 
 

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ITERATIONS = 20
-"""Interior-point iterations: 15 reach a KKT error of ~1e-9 on the spec's duals; the rest is margin."""
+QUADRATIC_ITERATIONS = 16
+"""Interior-point iterations without a norm: quadratic programs reach machine precision in 10–14."""
+
+CONE_ITERATIONS = 20
+"""Interior-point iterations with a norm: 15 reach a KKT error of ~1e-9 on the spec's duals."""
 
 _CENTRALITY_FLOOR = 1e-13
 """Smallest duality measure targeted: iterates stay interior, far enough from the cone's surface
@@ -30,6 +33,9 @@ for float64 (A is normalised to unit mean diagonal)."""
 
 _BOUNDARY_FRACTION = 0.99
 """Fraction of the largest feasible step taken: iterates stay strictly inside their cones."""
+
+_POLISH_STEPS = 3
+"""Newton steps of the polish; from the interior point solution one usually reaches machine precision."""
 
 _RIDGE = 1e-12
 """Added to R before its Cholesky factorisation and to the Newton matrix, which a singular A would
@@ -61,43 +67,87 @@ class SimplexProgram:
         return result
 
 
-def minimize_on_simplex(program: SimplexProgram, iterations: int = ITERATIONS) -> Tensor:
+def minimize_on_simplex(program: SimplexProgram, iterations: int | None = None) -> Tensor:
     """The minimiser x = (w, v) of `program`, in its dtype and on its device.
 
     Returns the iterate that best satisfies the KKT conditions: once converged, rounding in the
     ill-conditioned Newton systems can move later iterates away again, or make them non-finite.
     """
+    if iterations is None:
+        iterations = QUADRATIC_ITERATIONS if program.root_matrix is None else CONE_ITERATIONS
     solver = _InteriorPoint.of(program)
-    state = solver.start()
-    best, best_error = state, state.new_tensor(torch.inf)
-    for _ in range(iterations + 1):
-        following, error = solver.step(state)
+    best = state = solver.start()
+    residuals = solver.residuals(state)
+    best_error = solver.kkt_error(residuals)
+    for _ in range(iterations):
+        state = solver.step(state, residuals)
+        residuals = solver.residuals(state)
+        error = solver.kkt_error(residuals)
         better = error < best_error  # False for NaN
         best, best_error = torch.where(better, state, best), torch.where(better, error, best_error)
-        state = following
-    return solver.solution(best)
+    _, duals, _, _ = solver.unpack(best)
+    return _polish(program, solver.solution(best), duals)
+
+
+def _polish(program: SimplexProgram, point: Tensor, duals: Tensor) -> Tensor:
+    """The interior point solution refined by Newton's method on the face of the feasible set it lies on.
+
+    The interior point method stops ~1e-10 short of the optimum (its last Newton systems are
+    ill-conditioned); on the face {x_i = 0 where x_i < z_i (the bound is active), eᵀx = 1} the
+    objective is smooth wherever the norm is positive, and a few Newton steps there reach machine
+    precision. The refined point is kept only if it is feasible and no worse.
+    """
+    count = point.shape[0]
+    simplex = torch.cat([point.new_ones(program.size), point.new_zeros(count - program.size)])
+    free = (point > duals).to(point.dtype)
+    fixed = torch.diag(1 - free)
+    x = point * free
+    for _ in range(_POLISH_STEPS):
+        gradient, hessian = _derivatives(program, x)
+        # [H_FF e_F; e_Fᵀ 0] on the free entries, identity rows for the fixed ones (their steps are 0).
+        top = torch.cat(
+            [hessian * torch.outer(free, free) + fixed + _RIDGE * torch.eye(count).to(x), (simplex * free)[:, None]], 1
+        )
+        matrix = torch.cat([top, torch.cat([simplex * free, x.new_zeros(1)])[None]])
+        right = torch.cat([-gradient * free, (1 - simplex @ x)[None]])
+        x = x + torch.linalg.solve_ex(matrix, right).result[:count]
+    better = (x >= 0).all() & (program.value(x) <= program.value(point))  # False for NaN
+    return torch.where(better, x, point)
+
+
+def _derivatives(program: SimplexProgram, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian of the program's objective at x (where its norm is positive)."""
+    gradient, hessian = program.linear, torch.zeros_like(program.linear).diag()
+    if program.quadratic is not None:
+        gradient, hessian = gradient + program.quadratic @ x, hessian + program.quadratic
+    if program.root_matrix is not None:
+        # ∇sqrt(q) = Rx/r and ∇²sqrt(q) = (R − (Rx)(Rx)ᵀ/r²)/r, with r = sqrt(xᵀRx).
+        pulled = program.root_matrix @ x
+        root = (x @ pulled).clamp(min=0).sqrt()
+        gradient = gradient + program.root_weight * pulled / root
+        hessian = hessian + program.root_weight / root * (program.root_matrix - torch.outer(pulled, pulled) / root**2)
+    return gradient, hessian
 
 
 @dataclass(frozen=True)
 class _InteriorPoint:
-    """The program as a cone program (Vandenberghe 2010, §1), in y = (x, t):
+    """The program as a cone program (Vandenberghe 2010, §1) in y = (x, t):
 
-    minimise ½xᵀQx + pᵀx + κt  s.t.  eᵀx = 1,  x ≥ 0,  s = (t, Lᵀx) ∈ 𝒬 (the second-order cone),
+    minimise ½xᵀQx + pᵀx + κt  s.t.  eᵀx = 1,  x ≥ 0,  s = Ĝy = (t, Lᵀx) ∈ 𝒬 (second-order cone),
 
     e marking the simplex entries. Its KKT conditions, with multipliers ν, z ≥ 0 and u = (u₀, u₁) ∈ 𝒬:
     Qx + p + νe − z − Lu₁ = 0,  κ − u₀ = 0,  eᵀx = 1,  x∘z = 0,  s∘u = 0 (Jordan product).
-    An iterate is the flat vector (x, z, ν, t, u); without a norm it is (x, z, ν).
+    An iterate is the flat vector (y, z, ν, u); without a norm it is (x, z, ν).
     """
 
     size: int
     linear: Tensor
+    """p, and κ for t when there is a norm."""
     quadratic: Tensor
     simplex: Tensor
-    factor: Tensor | None
-    """L, with LLᵀ = R + ridge; None when the program has no norm."""
-    weight: Tensor | float
-    signs: Tensor | None
-    """The diagonal of J = diag(1, −I), which defines the cone's algebra."""
+    """e (0 for t)."""
+    lift: Tensor | None
+    """Ĝ, mapping y = (x, t) to s = (t, Lᵀx); None when the program has no norm."""
 
     @classmethod
     def of(cls, program: SimplexProgram) -> _InteriorPoint:
@@ -105,24 +155,36 @@ class _InteriorPoint:
         count = linear.shape[0]
         simplex = torch.cat([linear.new_ones(program.size), linear.new_zeros(count - program.size)])
         quadratic = program.quadratic if program.quadratic is not None else linear.new_zeros(count, count)
-        factor = signs = None
-        if program.root_matrix is not None:
-            ridged = program.root_matrix + torch.diag(torch.full_like(linear, _RIDGE))
-            factor = torch.linalg.cholesky_ex(ridged).L
-            signs = torch.cat([linear.new_ones(1), -linear.new_ones(count)])
-        return cls(program.size, linear, quadratic, simplex, factor, program.root_weight, signs)
+        if program.root_matrix is None:
+            return cls(program.size, linear, quadratic, simplex, None)
+        ridged = program.root_matrix + torch.diag(torch.full_like(linear, _RIDGE))
+        factor = torch.linalg.cholesky_ex(ridged).L
+        lift = linear.new_zeros(count + 1, count + 1)
+        lift[0, count] = 1
+        lift[1:, :count] = factor.mT
+        weight = torch.as_tensor(program.root_weight, dtype=linear.dtype, device=linear.device).reshape(1)
+        return cls(
+            program.size,
+            torch.cat([linear, weight]),
+            torch.block_diag(quadratic, linear.new_zeros(1, 1)),
+            torch.cat([simplex, linear.new_zeros(1)]),
+            lift,
+        )
 
     @property
     def count(self) -> int:
-        return self.linear.shape[0]
+        """The number of x entries (w and v)."""
+        return self.linear.shape[0] - (self.lift is not None)
 
     def start(self) -> Tensor:
-        """w uniform, v = 1, unit multipliers z, ν = 0; t = ‖Lᵀx‖ + 1 and u = (1, 0): inside the cone."""
-        x = self.simplex / self.size + (1 - self.simplex)
-        parts = [x, torch.ones_like(x), x.new_zeros(1)]
-        if self.factor is not None:
-            parts += [(self.factor.mT @ x).norm()[None] + 1, _identity(self.signs)]
-        return torch.cat(parts)
+        """w uniform, v = 1, unit multipliers z, ν = 0; with a norm t = ‖Lᵀx‖ + 1 and u = (1, 0) (inside 𝒬)."""
+        count = self.count
+        x = self.simplex[:count] / self.size + (1 - self.simplex[:count])
+        if self.lift is None:
+            return torch.cat([x, torch.ones_like(x), x.new_zeros(1)])
+        t = (self.lift[1:, :count] @ x).norm()[None] + 1
+        u = torch.cat([x.new_ones(1), torch.zeros_like(x)])
+        return torch.cat([x, t, torch.ones_like(x), x.new_zeros(1), u])
 
     def solution(self, state: Tensor) -> Tensor:
         w = state[: self.size].clamp(min=0)
@@ -130,105 +192,128 @@ class _InteriorPoint:
         # A non-finite iterate means a Newton matrix could not be factorised; the start is the safe answer.
         return torch.where(torch.isfinite(x).all(), x, self.start()[: self.count])
 
-    def step(self, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One predictor-corrector iteration, and max(μ, |dual residual|, |eᵀx − 1|) before it.
+    def unpack(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y, z, ν, u) from a flat iterate (u empty without a norm)."""
+        count, variables = self.count, self.linear.shape[0]
+        return (
+            state[:variables],
+            state[variables : variables + count],
+            state[variables + count],
+            state[variables + count + 1 :],
+        )
 
-        With the scaling W (W u = W⁻ᵀ s = λ, and W = diag(sqrt(x/z)) on the orthant) and ds = −G dy
-        eliminated, a direction with complementarity target r solves (Vandenberghe 2010, §5.3)
-        (P + GᵀW⁻²G) dy + e dν = −(residual) − Gᵀ W⁻¹(λ∖r),  eᵀdx = 1 − eᵀx,  du = W⁻¹(λ∖r) − W⁻²ds.
-        """
+    def residuals(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(dual residual, complementarity sᵀz + sᵀu, eᵀx − 1) of the KKT conditions."""
+        y, z, nu, u = self.unpack(state)
         count = self.count
-        x, z, nu = state[:count], state[count : 2 * count], state[2 * count]
-        residual = self.quadratic @ x + self.linear + nu * self.simplex - z
-        gap, degree = x @ z, count
-        matrix = self.quadratic + torch.diag(z / x + _RIDGE)
-        cone = None
-        if self.factor is not None:
-            t, u = state[2 * count + 1], state[2 * count + 2 :]
-            cone = _ConePair.of(torch.cat([t[None], self.factor.mT @ x]), u, self.signs)
-            residual = torch.cat([residual - self.factor @ u[1:], (self.weight - u[0]).reshape(1)])
-            gap, degree = gap + cone.point @ u, count + 1
-            matrix = cone.extend(matrix, self.factor)
-        infeasibility = self.simplex @ x - 1
-        error = torch.maximum(torch.maximum(gap / degree, residual.abs().amax()), infeasibility.abs())
+        residual = self.quadratic @ y + self.linear + nu * self.simplex
+        residual[:count] -= z
+        gap = y[:count] @ z
+        if self.lift is not None:
+            residual = residual - self.lift.mT @ u
+            gap = gap + (self.lift @ y) @ u
+        return residual, gap, self.simplex @ y - 1
+
+    def kkt_error(self, residuals: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """max(μ, |dual residual|, |eᵀx − 1|), μ the duality measure."""
+        residual, gap, infeasibility = residuals
+        degree = self.count + (self.lift is not None)
+        return torch.maximum(torch.maximum(gap / degree, residual.abs().amax()), infeasibility.abs())
+
+    def step(self, state: Tensor, residuals: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """One predictor-corrector iteration (Vandenberghe 2010, §5.3; Nocedal & Wright, Alg. 16.4).
+
+        With the scaling W (W u = W⁻¹s = λ; diag(sqrt(x/z)) on the orthant) and ds = Ĝdy, a direction
+        with complementarity targets r solves (Vandenberghe 2010, §5.3)
+        (P + ĜᵀW⁻²Ĝ) dy + e dν = −(dual residual) + (W⁻¹(λ∖r) lifted),  eᵀdx = 1 − eᵀx,
+        then ds̃ = W⁻¹ds, dũ = λ∖r − ds̃ (the scaled steps) and du = W⁻¹dũ.
+        """
+        count, variables = self.count, self.linear.shape[0]
+        y, z, _, u = self.unpack(state)
+        x = y[:count]
+        ratio = z / x
+        residual, gap, infeasibility = residuals
+        matrix = self.quadratic + torch.diag(torch.nn.functional.pad(ratio, (0, variables - count)) + _RIDGE)
+        degree, cone = count, None
+        if self.lift is not None:
+            cone = _ConeScaling.of(self.lift @ y, u)
+            matrix = matrix + self.lift.mT @ (cone.inverse @ cone.inverse) @ self.lift
+            degree = count + 1
 
         factor = torch.linalg.cholesky_ex(matrix).L
-        unit = _solve(factor, torch.cat([self.simplex, self.simplex.new_zeros(matrix.shape[0] - count)]))
-        balance = 1 / (self.simplex @ unit[:count])
+        unit = _solve(factor, self.simplex)
+        balance = 1 / (self.simplex @ unit)
 
-        def direction(orthant_target: Tensor, cone_target: Tensor | None) -> Tensor:
-            """The flat step (dx, dz, dν, dt, du) for complementarity targets r."""
+        def direction(orthant_target: Tensor, cone_target: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            """The flat step (dy, dz, dν, du), and the scaled cone steps (ds̃, dũ) stacked."""
             orthant_part = orthant_target / x  # W⁻¹(λ∖r) on the orthant
             right = -residual
             right[:count] += orthant_part
             if cone is not None:
-                cone_part = cone.inverse(cone.divide(cone_target))
-                right[:count] += self.factor @ cone_part[1:]
-                right[count] += cone_part[0]
+                divided = cone.divide(cone_target)
+                right = right + self.lift.mT @ (cone.inverse @ divided)
             solved = _solve(factor, right)
-            dnu = (self.simplex @ solved[:count] + infeasibility) * balance
+            dnu = (self.simplex @ solved + infeasibility) * balance
             dy = solved - dnu * unit
-            dx = dy[:count]
-            parts = [dx, orthant_part - z / x * dx, dnu[None]]
-            if cone is not None:
-                dpoint = torch.cat([dy[count:], self.factor.mT @ dx])
-                parts += [dy[count:], cone_part - cone.inverse(cone.inverse(dpoint))]
-            return torch.cat(parts)
+            dz = orthant_part - ratio * dy[:count]
+            if cone is None:
+                return torch.cat([dy, dz, dnu[None]]), None
+            scaled_point = cone.inverse @ (self.lift @ dy)
+            scaled_dual = divided - scaled_point
+            return torch.cat([dy, dz, dnu[None], cone.inverse @ scaled_dual]), torch.stack([scaled_point, scaled_dual])
 
-        def longest(step: Tensor, limit: float) -> Tensor:
+        def longest(step: Tensor, scaled: Tensor | None, limit: float) -> Tensor:
             """The largest α ≤ limit keeping x, z ≥ 0 and s, u ∈ 𝒬 along `step`."""
-            shrink = (-step[: 2 * count] / state[: 2 * count]).amax()
+            shrink = torch.maximum((-step[:count] / x).amax(), (-step[variables : variables + count] / z).amax())
             if cone is not None:
-                dpoint = torch.cat([step[2 * count + 1 : 2 * count + 2], self.factor.mT @ step[:count]])
-                shrink = torch.maximum(shrink, cone.shrink(dpoint, step[2 * count + 2 :]))
+                shrink = torch.maximum(shrink, _cone_shrink(cone, scaled).amax())
             return 1 / torch.clamp(shrink, min=1 / limit)
 
-        def gap_after(step: Tensor, length: Tensor) -> Tensor:
-            moved = state + length * step
-            result = moved[:count] @ moved[count : 2 * count]
+        def gap_after(step: Tensor, scaled: Tensor | None, length: Tensor) -> Tensor:
+            result = (x + length * step[:count]) @ (z + length * step[variables : variables + count])
             if cone is not None:
-                point = torch.cat([moved[2 * count + 1 : 2 * count + 2], self.factor.mT @ moved[:count]])
-                result = result + point @ moved[2 * count + 2 :]
+                point, dual = cone.scaled + length * scaled  # s·u = s̃·ũ in the scaled space
+                result = result + point @ dual
             return result
 
         # Predictor: the affine direction (targets −λ∘λ) measures how much centring σ is needed.
         orthant_square = x * z
         cone_square = None if cone is None else _jordan(cone.scaled, cone.scaled)
-        affine = direction(-orthant_square, None if cone is None else -cone_square)
-        sigma = (gap_after(affine, longest(affine, limit=1.0)) / gap) ** 3
+        affine, affine_scaled = direction(-orthant_square, None if cone is None else -cone_square)
+        sigma = (gap_after(affine, affine_scaled, longest(affine, affine_scaled, limit=1.0)) / gap) ** 3
         # Corrector: target σμ, less the predictor's second-order term.
         centre = (sigma * gap / degree).clamp(min=_CENTRALITY_FLOOR)
-        orthant_target = centre - orthant_square - affine[:count] * affine[count : 2 * count]
+        orthant_target = centre - orthant_square - affine[:count] * affine[variables : variables + count]
         cone_target = None
         if cone is not None:
-            daffine_point = torch.cat([affine[2 * count + 1 : 2 * count + 2], self.factor.mT @ affine[:count]])
-            cross = _jordan(cone.inverse(daffine_point), cone.apply(affine[2 * count + 2 :]))
-            cone_target = centre * _identity(self.signs) - cone_square - cross
-        step = direction(orthant_target, cone_target)
-        length = _BOUNDARY_FRACTION * longest(step, limit=1 / _BOUNDARY_FRACTION)
-        return state + length * step, error
+            cone_target = centre * _identity(u) - cone_square - _jordan(affine_scaled[0], affine_scaled[1])
+        step, scaled = direction(orthant_target, cone_target)
+        length = _BOUNDARY_FRACTION * longest(step, scaled, limit=1 / _BOUNDARY_FRACTION)
+        return state + length * step
 
 
 @dataclass(frozen=True)
-class _ConePair:
-    """A point s and multiplier u inside 𝒬 with their Nesterov–Todd scaling W = β(2w̄w̄ᵀ − J),
-    w̄ᵀJw̄ = 1, such that W u = W⁻¹ s = λ (Vandenberghe 2010, §4.2).
+class _ConeScaling:
+    """The Nesterov–Todd scaling W = β(2w̄w̄ᵀ − J) of a pair s, u inside 𝒬, with J = diag(1, −I),
+    w̄ᵀJw̄ = 1 and W u = W⁻¹s = λ (Vandenberghe 2010, §4.2).
 
     With s̄ = s/‖s‖_J, ū = u/‖u‖_J (‖v‖_J = sqrt(vᵀJv)), the point v = (s̄ + Jū)/sqrt(2(1 + s̄ᵀū))
     satisfies (2vvᵀ − J)ū = s̄; w̄ is its Jordan square root, so W²u = s; β = sqrt(‖s‖_J/‖u‖_J).
     """
 
-    point: Tensor
-    signs: Tensor
-    bar: Tensor
-    flipped: Tensor
-    """Jw̄."""
-    beta: Tensor
+    inverse: Tensor
+    """W⁻¹ = (2Jw̄w̄ᵀJ − J)/β, as a matrix."""
     scaled: Tensor
     """λ."""
+    determinant: Tensor
+    """λᵀJλ = ‖s‖_J·‖u‖_J."""
+    signs: Tensor
+    """The diagonal of J."""
 
     @classmethod
-    def of(cls, point: Tensor, dual: Tensor, signs: Tensor) -> _ConePair:
+    def of(cls, point: Tensor, dual: Tensor) -> _ConeScaling:
+        signs = -torch.ones_like(point)
+        signs[0] = 1
         point_norm, dual_norm = _lorentz_norm(point), _lorentz_norm(dual)
         point_unit, dual_unit = point / point_norm, dual / dual_norm
         middle = (point_unit + signs * dual_unit) / (2 * (1 + point_unit @ dual_unit)).sqrt()
@@ -236,50 +321,25 @@ class _ConePair:
         bar = middle / (2 * head)
         bar[0] = head
         beta = (point_norm / dual_norm).sqrt()
+        flipped = signs * bar
+        inverse = (2 * torch.outer(flipped, flipped) - torch.diag(signs)) / beta
         scaled = beta * (2 * bar * (bar @ dual) - signs * dual)
-        return cls(point, signs, bar, signs * bar, beta, scaled)
-
-    def apply(self, vector: Tensor) -> Tensor:
-        """W·vector."""
-        return self.beta * (2 * self.bar * (self.bar @ vector) - self.signs * vector)
-
-    def inverse(self, vector: Tensor) -> Tensor:
-        """W⁻¹·vector, W⁻¹ = (2Jw̄w̄ᵀJ − J)/β."""
-        return (2 * self.flipped * (self.flipped @ vector) - self.signs * vector) / self.beta
+        return cls(inverse, scaled, point_norm * dual_norm, signs)
 
     def divide(self, vector: Tensor) -> Tensor:
         """λ∖vector: the v with λ∘v = vector."""
         lam = self.scaled
-        head = (self.signs * lam) @ vector / _lorentz_norm(lam) ** 2
+        head = (self.signs * lam) @ vector / self.determinant
         result = (vector - head * lam) / lam[0]
         result[0] = head
         return result
 
-    def shrink(self, point_step: Tensor, dual_step: Tensor) -> Tensor:
-        """1/α for the largest α keeping s + α·ds and u + α·du in 𝒬 (0 if every α does)."""
-        # In the scaled space both s and u become λ, which is well centred: the roots are accurate there.
-        return torch.maximum(
-            _cone_shrink(self.scaled, self.inverse(point_step), self.signs),
-            _cone_shrink(self.scaled, self.apply(dual_step), self.signs),
-        )
 
-    def extend(self, matrix: Tensor, factor: Tensor) -> Tensor:
-        """The Newton matrix with the cone's block GᵀW⁻²G added, G mapping (x, t) to −(t, Lᵀx).
-
-        In blocks (tail, head), W⁻² = (I + 8w̄₀²w̄₁w̄₁ᵀ, −4(2w̄₀² − 1)w̄₀w̄₁; ·, 1 + 8w̄₀²‖w̄₁‖²)/β².
-        """
-        head, tail = self.bar[0], self.bar[1:]
-        pulled = factor @ tail
-        inner = (factor @ factor.mT + 8 * head**2 * torch.outer(pulled, pulled)) / self.beta**2
-        cross = -4 * (2 * head**2 - 1) * head * pulled / self.beta**2
-        corner = (1 + 8 * head**2 * (tail @ tail)) / self.beta**2
-        top = torch.cat([matrix + inner, cross[:, None]], 1)
-        return torch.cat([top, torch.cat([cross, corner[None]])[None]])
-
-
-def _identity(signs: Tensor) -> Tensor:
+def _identity(like: Tensor) -> Tensor:
     """The identity (1, 0, ..., 0) of the cone's Jordan product."""
-    return (signs == 1).to(signs.dtype)
+    result = torch.zeros_like(like)
+    result[0] = 1
+    return result
 
 
 def _jordan(left: Tensor, right: Tensor) -> Tensor:
@@ -295,14 +355,14 @@ def _lorentz_norm(vector: Tensor) -> Tensor:
     return ((vector[0] - tail) * (vector[0] + tail)).clamp(min=0).sqrt()
 
 
-def _cone_shrink(point: Tensor, step: Tensor, signs: Tensor) -> Tensor:
-    """1/α for the first α > 0 with point + α·step on the cone's surface, 0 if there is none.
+def _cone_shrink(cone: _ConeScaling, steps: Tensor) -> Tensor:
+    """1/α for the first α > 0 with λ + α·step on the cone's surface (0 if none), for each row of `steps`.
 
-    (p + αd)ᵀJ(p + αd) = aα² + bα + c has its first positive root at 2c/(sqrt(b² − 4ac) − b)
-    whenever that denominator is positive (c > 0 as p is inside).
+    (λ + αd)ᵀJ(λ + αd) = aα² + bα + c has its first positive root at 2c/(sqrt(b² − 4ac) − b)
+    whenever that denominator is positive (c = λᵀJλ > 0 as λ is inside).
     """
-    flipped = signs * step
-    a, b, c = step @ flipped, 2 * (point @ flipped), _lorentz_norm(point) ** 2
+    flipped = steps * cone.signs
+    a, b, c = (steps * flipped).sum(1), 2 * (flipped @ cone.scaled), cone.determinant
     discriminant = b**2 - 4 * a * c
     denominator = discriminant.clamp(min=0).sqrt() - b
     return torch.where(discriminant >= 0, denominator.clamp(min=0) / (2 * c), torch.zeros_like(c))
