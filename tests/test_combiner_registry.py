@@ -1,0 +1,68 @@
+"""The registry and `make_combiner`: names, hyper-parameters and the errors a config author sees."""
+
+import pytest
+
+from mtrl.combiners import COMBINERS, make_combiner
+
+DEFAULTS = {
+    "mean": {},
+    "cagrad": {"c": 0.4, "rescale": 1, "solver": "exact"},
+    "conicgrad": {"c": 0.5},
+    "sdmgrad": {"lam": 0.6, "solver": "exact"},
+    "sdmgrad_os": {"lam": 0.6, "n": 4, "solver": "exact"},
+    "imgrad": {"c": 0.8, "variant": "paper", "rescale": 1},
+    "mgda": {},
+    "pcgrad": {},
+    "nashmtl": {},
+}
+
+
+def test_registry_names_and_defaults():
+    assert set(COMBINERS) == set(DEFAULTS)
+    for name, defaults in DEFAULTS.items():
+        assert make_combiner(name).hyper_parameters == defaults
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ValueError) as info:
+        make_combiner("foo")
+    assert str(info.value) == (
+        "unknown combiner 'foo'; choose from: "
+        "cagrad, conicgrad, imgrad, mean, mgda, nashmtl, pcgrad, sdmgrad, sdmgrad_os"
+    )
+
+
+def test_unknown_hyper_parameter_names_it_and_the_accepted_ones():
+    with pytest.raises(ValueError) as info:
+        make_combiner("cagrad", lam=0.5)
+    assert str(info.value) == "unknown hyper-parameter 'lam' for combiner 'cagrad'; accepted: c, rescale, solver"
+    with pytest.raises(ValueError, match="accepted: none"):
+        make_combiner("mgda", c=0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "hyper_parameters", "message"),
+    [
+        ("cagrad", {"c": -0.1}, "`c` must be >= 0, found -0.1"),
+        ("cagrad", {"c": "0.4"}, "`c` must be a number, found '0.4'"),
+        ("cagrad", {"rescale": 3}, "`rescale` must be one of 0, 1, 2, found 3"),
+        ("cagrad", {"solver": "cvxpy"}, "`solver` must be one of 'exact', 'mtrl', found 'cvxpy'"),
+        ("conicgrad", {"c": 0.0}, "`c` must be in (0, 1], found 0.0"),
+        ("conicgrad", {"c": 1.3}, "`c` must be in (0, 1], found 1.3"),
+        ("sdmgrad", {"lam": -1}, "`lam` must be >= 0, found -1"),
+        ("sdmgrad", {"lam": float("nan")}, "`lam` must be >= 0, found nan"),
+        ("sdmgrad_os", {"n": 0}, "`n` must be >= 1, found 0"),
+        ("sdmgrad_os", {"n": 2.5}, "`n` must be an integer, found 2.5"),
+        ("imgrad", {"variant": "both"}, "`variant` must be one of 'paper', 'code', found 'both'"),
+        ("imgrad", {"c": True}, "`c` must be a number, found True"),
+    ],
+)
+def test_out_of_range_values_name_the_parameter_and_the_value(name, hyper_parameters, message):
+    with pytest.raises(ValueError) as info:
+        make_combiner(name, **hyper_parameters)
+    assert str(info.value) == message
+
+
+def test_integral_values_are_accepted_for_real_parameters():
+    assert make_combiner("cagrad", c=1).hyper_parameters["c"] == 1.0
+    assert make_combiner("cagrad", rescale=2.0).hyper_parameters["rescale"] == 2
