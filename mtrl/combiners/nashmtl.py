@@ -15,7 +15,8 @@ ITERATIONS = 25
 RIDGE = 1e-10
 """δ in the regularised equations (Â + δI)β = 1/β (Â = A normalised to unit mean diagonal)."""
 
-_STEP_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0)
+_HALVINGS = 7
+"""The line search tries the longest feasible step and 6 halvings of it, and 0."""
 
 
 class NashMTL(Combiner):
@@ -71,7 +72,9 @@ def cold_start(cosines: Tensor) -> Tensor:
 def nash_point(cosines: Tensor, start: Tensor) -> Tensor:
     """β > 0 with ((Ã + δI)β)_i = 1/β_i, by damped Newton on ψ(β) = ½βᵀ(Ã + δI)β − Σ log β_i."""
     regularised = cosines + RIDGE * torch.eye(cosines.shape[0], dtype=cosines.dtype, device=cosines.device)
-    fractions = torch.tensor(_STEP_FRACTIONS, dtype=cosines.dtype, device=cosines.device)
+    fractions = torch.cat(
+        [0.5 ** torch.arange(_HALVINGS, dtype=cosines.dtype, device=cosines.device), cosines.new_zeros(1)]
+    )
     beta = start
     for _ in range(ITERATIONS):
         gradient = regularised @ beta - 1 / beta

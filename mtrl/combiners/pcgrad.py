@@ -14,15 +14,18 @@ class PCGrad(Combiner):
     For each i, over the other tasks j in a random order: if g_i'ᵀg_j < 0 then
     g_i' ← g_i' − (g_i'ᵀg_j/‖g_j‖²) g_j, against the original g_j (Yu et al., 2020, Alg. 1).
     Each g_i' is tracked as coefficients on the rows of G, so only A is needed. The orders come from
-    the `generator` passed to the call (torch's default CPU generator when None): K random keys per
-    task, on the generator's device.
+    the `generator` passed to the call (torch's default CPU generator when None): a K×K block of
+    uniform keys drawn on the generator's device, task i visiting the others by increasing key.
     """
 
     def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
         device = generator.device if generator is not None else torch.device("cpu")
-        keys = torch.rand(size, size, generator=generator, device=device, dtype=gramian.dtype).to(gramian.device)
+        keys = torch.rand(size, size, generator=generator, device=device, dtype=gramian.dtype)
+        if keys.device != gramian.device:
+            # Through pinned memory the copy is asynchronous: no host synchronisation on a GPU.
+            keys = keys.pin_memory().to(gramian.device, non_blocking=True)
         keys.fill_diagonal_(2.0)  # sorts each task itself last, out of its own order
         orders = keys.argsort(dim=1)[:, : size - 1]
 

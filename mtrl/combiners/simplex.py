@@ -106,7 +106,11 @@ def _polish(program: SimplexProgram, point: Tensor, duals: Tensor) -> Tensor:
         gradient, hessian = _derivatives(program, x)
         # [H_FF e_F; e_Fᵀ 0] on the free entries, identity rows for the fixed ones (their steps are 0).
         top = torch.cat(
-            [hessian * torch.outer(free, free) + fixed + _RIDGE * torch.eye(count).to(x), (simplex * free)[:, None]], 1
+            [
+                hessian * torch.outer(free, free) + fixed + _RIDGE * torch.eye(count, dtype=x.dtype, device=x.device),
+                (simplex * free)[:, None],
+            ],
+            1,
         )
         matrix = torch.cat([top, torch.cat([simplex * free, x.new_zeros(1)])[None]])
         right = torch.cat([-gradient * free, (1 - simplex @ x)[None]])
@@ -162,7 +166,9 @@ class _InteriorPoint:
         lift = linear.new_zeros(count + 1, count + 1)
         lift[0, count] = 1
         lift[1:, :count] = factor.mT
-        weight = torch.as_tensor(program.root_weight, dtype=linear.dtype, device=linear.device).reshape(1)
+        weight = program.root_weight
+        # A Python number becomes a fill on the device (no host-to-device copy, which would synchronise).
+        weight = weight.reshape(1) if isinstance(weight, Tensor) else linear.new_full((1,), weight)
         return cls(
             program.size,
             torch.cat([linear, weight]),
