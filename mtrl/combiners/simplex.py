@@ -8,10 +8,15 @@ built from A = G Gᵀ (ConicGrad's adds one variable v). The square root, a norm
 kept exact: it becomes a second-order cone t ≥ ‖Lᵀx‖ (R = LLᵀ), and the program is solved by a
 primal-dual interior point method with Nesterov–Todd scaling and Mehrotra's predictor-corrector
 (Vandenberghe, "The CVXOPT linear and quadratic cone program solvers", 2010; Nocedal & Wright,
-Numerical Optimization, 2nd ed., Alg. 16.4). About 15 iterations reach 1e-9 or better, whatever the
-conditioning, also where the norm vanishes (CAGrad's kink) or a cone constraint switches on
-(ConicGrad), where Newton's method on the nonsmooth duals stalls or cycles. There is no host
-synchronisation: a fixed iteration count, and `torch.where` instead of branches.
+Numerical Optimization, 2nd ed., Alg. 16.4). 15–20 iterations bring the KKT error to ~1e-9 whatever
+the conditioning, also where the norm vanishes (CAGrad's kink) or a cone constraint switches on
+(ConicGrad), where Newton's method on the nonsmooth duals stalls or cycles; a few Newton steps on
+the face of the feasible set the solution lies on then take it to machine precision. There is no
+host synchronisation: fixed iteration counts, and `torch.where` instead of branches.
+
+The cost is one small Cholesky factorisation and ~100 (quadratic) or ~300 (with a norm) tiny tensor
+operations per iteration, independent of K ≤ 50: on a CPU the solve is bound by per-operation
+overhead (≈3 ms and ≈9 ms on two cores), on a GPU by kernel launches.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ QUADRATIC_ITERATIONS = 16
 """Interior-point iterations without a norm: quadratic programs reach machine precision in 10–14."""
 
 CONE_ITERATIONS = 20
-"""Interior-point iterations with a norm: 15 reach a KKT error of ~1e-9 on the spec's duals."""
+"""Interior-point iterations with a norm: 16 suffice on most of the spec's duals, 20 on all we tried
+(task-gradient norms spread over 4 decades included)."""
 
 _CENTRALITY_FLOOR = 1e-13
 """Smallest duality measure targeted: iterates stay interior, far enough from the cone's surface
