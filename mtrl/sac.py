@@ -150,12 +150,9 @@ class MTSAC(nn.Module):
             if self.q_target_clip is not None:
                 target = target.clamp(-self.q_target_clip, self.q_target_clip)
 
-        self._combiner_generator = combiner_generator
         tasks = self.combiner.select_tasks(k, combiner_generator) if self.combined else None
-        if tasks is not None and tasks.numel() == k:
-            tasks = None
         if tasks is not None:
-            tasks = tasks.to(batch.obs.device)
+            tasks = None if tasks.numel() == k else tasks.to(batch.obs.device)
 
         critic_params = {n: p.detach() for n, p in self.critic.named_parameters()}
         actor_noise = torch.randn(k, b, self.act_dim, generator=generator, device=batch.obs.device)
@@ -169,13 +166,17 @@ class MTSAC(nn.Module):
         }
         finite = torch.ones((), dtype=torch.bool, device=batch.obs.device)
         aux_out = {}
+        task_matrices: dict[str, torch.Tensor] = {}  # what AdaTask steps on, per network
         for net in NETWORKS:
             if net == "alpha":
                 objectives["alpha"] = (self._alpha_loss, (aux_out["actor"],), ())
             loss_fn, inputs, consts = objectives[net]
             shared, task = self.params[net]
             objective = TaskObjective(net, loss_fn, shared, task, inputs, consts)
-            losses, drawn, aux = self._stage(objective, tasks if net in self.combined else None, diagnostics, metrics)
+            drawn_tasks = tasks if net in self.combined else None
+            losses, drawn, aux = self._stage(
+                objective, drawn_tasks, combiner_generator, diagnostics, metrics, task_matrices
+            )
             finite &= torch.isfinite(losses).all()
             if drawn is not None:  # tasks that were not drawn have no loss this update
                 losses = torch.full((k,), float("nan"), device=losses.device).index_copy(0, drawn, losses)
@@ -192,11 +193,19 @@ class MTSAC(nn.Module):
         metrics["alpha"] = alpha
         ok = bool(finite.item())  # the update's one host sync
         if ok:
-            self._step()
+            self._step(task_matrices)
         self.zero_grad(set_to_none=True)
         return UpdateResult(ok, metrics)
 
-    def _stage(self, objective: TaskObjective, tasks, diagnostics: bool, metrics: dict) -> tuple:
+    def _stage(
+        self,
+        objective: TaskObjective,
+        tasks: torch.Tensor | None,
+        generator: torch.Generator,
+        diagnostics: bool,
+        metrics: dict,
+        task_matrices: dict[str, torch.Tensor],
+    ) -> tuple:
         """Per-task gradients -> combiner -> `.grad` for one network."""
         net = objective.name
         shared, task = objective.shared, objective.task
@@ -207,27 +216,24 @@ class MTSAC(nn.Module):
             return losses, None, aux
         grads: TaskGradients = task_jacobian(objective, tasks if combined else None)
         write_task_grads(task, grads.task, grads.tasks)
-        if adatask:
-            self._task_matrix = getattr(self, "_task_matrix", {})
-            self._task_matrix[net] = grads.matrix
+        if adatask:  # the shared .grad (the mean) only feeds the finiteness check and clipping
+            task_matrices[net] = grads.matrix
             update = grads.matrix.mean(0)
         else:
-            update = (
-                self.combiner(grads.matrix, generator=self._combiner_generator) if combined else grads.matrix.mean(0)
-            )
+            update = self.combiner(grads.matrix, generator=generator) if combined else grads.matrix.mean(0)
         write_shared_grad(shared, update)
         if diagnostics and combined:
             metrics.update(gradient_diagnostics(net, grads.matrix, update, self.combiner.last_weights))
         return grads.losses, grads.tasks, grads.aux
 
-    def _step(self) -> None:
+    def _step(self, task_matrices: dict[str, torch.Tensor]) -> None:
         if self.grad_clip_norm is not None:
             for net in NETWORKS:
                 shared, task = self.params[net]
                 torch.nn.utils.clip_grad_norm_([*shared.values(), *task.values()], self.grad_clip_norm)
         for name, opt in self.optimizers.items():
             if name.endswith("_shared"):  # AdaTask: consumes the per-task gradient matrix itself
-                opt.step_tasks(self._task_matrix[name.removesuffix("_shared")])
+                opt.step_tasks(task_matrices[name.removesuffix("_shared")])
             else:
                 opt.step()
         with torch.no_grad():
