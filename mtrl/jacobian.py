@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 
 Params = dict[str, torch.Tensor]
 # loss_fn(shared, task, inputs, consts) -> (scalar loss of one task, aux)
@@ -32,7 +33,7 @@ class TaskObjective:
     loss_fn: LossFn
     shared: dict[str, torch.nn.Parameter]
     task: dict[str, torch.nn.Parameter]
-    inputs: tuple[torch.Tensor, ...]  # leading dimension K
+    inputs: tuple[Any, ...]  # tensors (or dicts of tensors) with leading dimension K
     consts: tuple[Any, ...] = field(default_factory=tuple)  # identical for every task
 
     @property
@@ -87,7 +88,7 @@ def task_jacobian(objective: TaskObjective, tasks: torch.Tensor | None = None) -
 
     shared = {name: p.detach() for name, p in o.shared.items()}
     task = {name: select(p.detach()) for name, p in o.task.items()}
-    inputs = tuple(select(x) for x in o.inputs)
+    inputs = tree_map(select, o.inputs)
 
     def loss_with_aux(shared: Params, task: Params, inputs: tuple, consts: tuple):
         loss, aux = o.loss_fn(shared, task, inputs, consts)

@@ -4,6 +4,7 @@ Each update builds K per-task losses for the critics, the actor and the temperat
 network, the losses go through one stage: per-task gradients of the shared parameters ->
 combiner -> `.grad` -> optimizer step. Nothing is stepped until every loss and gradient of the
 update is known to be finite, so a bad batch changes neither weights nor optimizer state.
+The maths, with the choices made here, is in docs/mtsac.md.
 """
 
 from __future__ import annotations
@@ -38,12 +39,50 @@ class UpdateResult:
     metrics: dict[str, torch.Tensor]  # scalars and per-task vectors, still on the device
 
 
-def _split_parameters(module: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+@dataclass
+class StageResult:
+    """What one network's stage leaves besides `.grad`: per-task losses and aux, and which tasks took part."""
+
+    losses: torch.Tensor  # [K]; NaN for tasks that were not drawn
+    aux: torch.Tensor  # [K]; NaN for tasks that were not drawn
+    finite: torch.Tensor  # whether every computed loss is finite (a 0-d bool on the device)
+    drawn: torch.Tensor | None  # indices of the drawn tasks; None: every task
+    task_matrix: torch.Tensor | None  # [K, n] shared-parameter gradients, kept for task-wise optimizers
+
+
+def split_parameters(module: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+    """(shared, task-specific) parameters of `module`; task-specific ones have a leading task dimension."""
     task_names = task_parameter_names(module)
     shared, task = {}, {}
     for name, p in module.named_parameters():
         (task if name in task_names else shared)[name] = p
     return shared, task
+
+
+def soft_bellman_target(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    q1_next: torch.Tensor,
+    q2_next: torch.Tensor,
+    next_logp: torch.Tensor,
+    alpha: torch.Tensor,
+    gamma: float,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """r + γ (1 − terminated) (min(Q1', Q2') − α log π(a'|s')), all `[K, B]` except α `[K]`.
+
+    Only a real termination stops the bootstrap: at a time limit, s' is the true final observation
+    and the target bootstraps through it (docs/mtsac.md, "Bellman target").
+    """
+    next_value = torch.minimum(q1_next, q2_next) - alpha[:, None] * next_logp
+    target = reward + gamma * (1.0 - terminated) * next_value
+    return target if clip is None else target.clamp(-clip, clip)
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 − τ) target + τ source, parameter by parameter."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 class MTSAC(nn.Module):
@@ -73,8 +112,8 @@ class MTSAC(nn.Module):
         self.grad_clip_norm, self.q_target_clip = grad_clip_norm, q_target_clip
 
         self.params: dict[str, tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]] = {
-            "critic": _split_parameters(self.critic),
-            "actor": _split_parameters(self.actor),
+            "critic": split_parameters(self.critic),
+            "actor": split_parameters(self.actor),
             "alpha": ({"log_alpha": self.log_alpha}, {})
             if cfg.shared_temperature
             else ({}, {"log_alpha": self.log_alpha}),
@@ -109,14 +148,15 @@ class MTSAC(nn.Module):
     def _critic_loss(self, shared, task, inputs, consts):
         obs, action, target = inputs
         q1, q2 = functional_call(self.critic, {**shared, **task}, (obs, action))
+        # The sum of the twin MSEs, as in the MT-SAC reference implementations (docs/mtsac.md).
         loss = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
         return loss, q1.detach().mean()
 
     def _actor_loss(self, shared, task, inputs, consts):
-        obs, noise, alpha = inputs
-        (critic_params,) = consts
+        obs, noise, alpha, critic_task = inputs  # critic_task: this task's critic heads (multi-head)
+        (critic_shared,) = consts
         action, logp = squashed_sample(*functional_call(self.actor, {**shared, **task}, (obs,)), noise)
-        q1, q2 = functional_call(self.critic, critic_params, (obs, action))
+        q1, q2 = functional_call(self.critic, {**critic_shared, **critic_task}, (obs, action))
         loss = (alpha * logp - torch.minimum(q1, q2)).mean()
         return loss, logp.detach().mean()
 
@@ -124,6 +164,47 @@ class MTSAC(nn.Module):
         (mean_logp,) = inputs
         log_alpha = {**shared, **task}["log_alpha"].reshape(())
         return -log_alpha * (mean_logp + self.target_entropy), log_alpha.detach()
+
+    # ----- the objectives of one update ----------------------------------------------------
+    @torch.no_grad()
+    def bellman_target(self, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
+        """Soft Bellman targets `[K, B]` of the batch, with next actions drawn from `noise`."""
+        next_action, next_logp = self.actor.sample(batch.next_obs, noise)
+        q1_next, q2_next = self.critic_target(batch.next_obs, next_action)
+        return soft_bellman_target(
+            batch.reward,
+            batch.terminated,
+            q1_next,
+            q2_next,
+            next_logp,
+            self.alpha(),
+            self.cfg.gamma,
+            self.q_target_clip,
+        )
+
+    def critic_objective(self, batch: Batch, target: torch.Tensor) -> TaskObjective:
+        shared, task = self.params["critic"]
+        return TaskObjective("critic", self._critic_loss, shared, task, (batch.obs, batch.action, target))
+
+    def actor_objective(self, batch: Batch, noise: torch.Tensor) -> TaskObjective:
+        """Task k's policy against task k's critic: task-specific critic parameters (multi-head
+        layers) are sliced per task like the inputs, shared ones are constants."""
+        k, b = batch.reward.shape
+        shared, task = self.params["actor"]
+        critic_shared, critic_task = self.params["critic"]
+        inputs = (
+            batch.obs,
+            noise,
+            self.alpha()[:, None].expand(k, b),
+            {n: p.detach() for n, p in critic_task.items()},
+        )
+        return TaskObjective(
+            "actor", self._actor_loss, shared, task, inputs, ({n: p.detach() for n, p in critic_shared.items()},)
+        )
+
+    def alpha_objective(self, mean_logp: torch.Tensor) -> TaskObjective:
+        shared, task = self.params["alpha"]
+        return TaskObjective("alpha", self._alpha_loss, shared, task, (mean_logp,))
 
     # ----- the update ----------------------------------------------------------------------
     def update(
@@ -133,69 +214,56 @@ class MTSAC(nn.Module):
         combiner_generator: torch.Generator,
         diagnostics: bool = False,
     ) -> UpdateResult:
-        """One SAC update on a stratified batch. `generator` draws the policy noise (on the
-        batch's device); `combiner_generator` (CPU) draws task subsets and PCGrad's orders."""
+        """One SAC update on a stratified batch: target -> critic -> actor -> temperature -> one
+        finiteness decision -> step. `generator` draws the policy noise (on the batch's device);
+        `combiner_generator` (CPU) draws task subsets and PCGrad's orders."""
         k, b = batch.reward.shape
-        alpha = self.alpha()
+        device = batch.obs.device
+        next_noise = torch.randn(k, b, self.act_dim, generator=generator, device=device)
+        target = self.bellman_target(batch, next_noise)
+        tasks = self._draw_tasks(k, combiner_generator, device)
+        actor_noise = torch.randn(k, b, self.act_dim, generator=generator, device=device)
         metrics: dict[str, torch.Tensor] = {}
 
-        # Soft Bellman target; `next_obs` is the true next state, so only real terminations stop
-        # the bootstrap and time limits do not.
-        with torch.no_grad():
-            noise = torch.randn(k, b, self.act_dim, generator=generator, device=batch.obs.device)
-            next_action, next_logp = self.actor.sample(batch.next_obs, noise)
-            q1_next, q2_next = self.critic_target(batch.next_obs, next_action)
-            next_value = torch.minimum(q1_next, q2_next) - alpha[:, None] * next_logp
-            target = batch.reward + self.cfg.gamma * (1.0 - batch.terminated) * next_value
-            if self.q_target_clip is not None:
-                target = target.clamp(-self.q_target_clip, self.q_target_clip)
+        def stage(objective: TaskObjective) -> StageResult:
+            return self._stage(objective, tasks, combiner_generator, diagnostics, metrics)
 
-        tasks = self.combiner.select_tasks(k, combiner_generator) if self.combined else None
-        if tasks is not None:
-            tasks = None if tasks.numel() == k else tasks.to(batch.obs.device)
-
-        critic_params = {n: p.detach() for n, p in self.critic.named_parameters()}
-        actor_noise = torch.randn(k, b, self.act_dim, generator=generator, device=batch.obs.device)
-        objectives = {
-            "critic": (self._critic_loss, (batch.obs, batch.action, target), ()),
-            "actor": (
-                self._actor_loss,
-                (batch.obs, actor_noise, alpha[:, None].expand(k, b)),
-                (critic_params,),
-            ),
-        }
-        finite = torch.ones((), dtype=torch.bool, device=batch.obs.device)
-        aux_out = {}
-        task_matrices: dict[str, torch.Tensor] = {}  # what AdaTask steps on, per network
-        for net in NETWORKS:
-            if net == "alpha":
-                objectives["alpha"] = (self._alpha_loss, (aux_out["actor"],), ())
-            loss_fn, inputs, consts = objectives[net]
-            shared, task = self.params[net]
-            objective = TaskObjective(net, loss_fn, shared, task, inputs, consts)
-            drawn_tasks = tasks if net in self.combined else None
-            losses, drawn, aux = self._stage(
-                objective, drawn_tasks, combiner_generator, diagnostics, metrics, task_matrices
+        critic = stage(self.critic_objective(batch, target))
+        actor = stage(self.actor_objective(batch, actor_noise))
+        # A task whose actor loss was not drawn has no log-prob this update: the target entropy's
+        # value gives its temperature a zero gradient, and `_step` leaves it untouched anyway.
+        mean_logp = actor.aux
+        if actor.drawn is not None:
+            mean_logp = torch.full_like(actor.aux, -self.target_entropy).index_copy(
+                0, actor.drawn, actor.aux.index_select(0, actor.drawn)
             )
-            finite &= torch.isfinite(losses).all()
-            if drawn is not None:  # tasks that were not drawn have no loss this update
-                losses = torch.full((k,), float("nan"), device=losses.device).index_copy(0, drawn, losses)
-                # An undrawn task's temperature sees log-prob = -target entropy: a zero gradient.
-                fill = -self.target_entropy if net == "actor" else float("nan")
-                aux = torch.full((k,), fill, device=aux.device).index_copy(0, drawn, aux)
-            aux_out[net] = aux
-            metrics[f"loss/{net}"] = losses
-            for p in objective.parameters():
-                finite &= torch.isfinite(p.grad).all()
+        temperature = stage(self.alpha_objective(mean_logp))
+        stages = {"critic": critic, "actor": actor, "alpha": temperature}
 
-        metrics["q_mean"] = aux_out["critic"]
-        metrics["entropy"] = -aux_out["actor"]
-        metrics["alpha"] = alpha
+        finite = torch.stack([s.finite for s in stages.values()]).all()
+        for net, s in stages.items():
+            for p in self._parameters_of(net):
+                finite &= torch.isfinite(p.grad).all()
+            metrics[f"loss/{net}"] = s.losses
+        metrics["q_mean"] = critic.aux
+        metrics["entropy"] = -actor.aux
+        metrics["alpha"] = self.alpha()
         ok = bool(finite.item())  # the update's one host sync
         if ok:
-            self._step(task_matrices)
+            self._step(stages)
         self.zero_grad(set_to_none=True)
         return UpdateResult(ok, metrics)
+
+    def _draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+        """The tasks this update's combined losses use (None: all of them)."""
+        if not self.combined:
+            return None
+        tasks = self.combiner.select_tasks(k, generator)
+        return None if tasks.numel() == k else tasks.to(device)
+
+    def _parameters_of(self, net: str) -> list[nn.Parameter]:
+        shared, task = self.params[net]
+        return [*shared.values(), *task.values()]
 
     def _stage(
         self,
@@ -204,41 +272,79 @@ class MTSAC(nn.Module):
         generator: torch.Generator,
         diagnostics: bool,
         metrics: dict,
-        task_matrices: dict[str, torch.Tensor],
-    ) -> tuple:
+    ) -> StageResult:
         """Per-task gradients -> combiner -> `.grad` for one network."""
         net = objective.name
         shared, task = objective.shared, objective.task
         combined = net in self.combined and bool(shared)
-        adatask = self.optimizer_name == "adatask" and bool(shared)
-        if not (adatask or (combined and (self.combiner.needs_jacobian or diagnostics or tasks is not None))):
+        drawn = tasks if combined else None
+        task_wise = self.optimizer_name == "adatask" and bool(shared)
+        if not (task_wise or (combined and (self.combiner.needs_jacobian or diagnostics or drawn is not None))):
             losses, aux = mean_backward(objective)
-            return losses, None, aux
-        grads: TaskGradients = task_jacobian(objective, tasks if combined else None)
+            return StageResult(losses, aux, torch.isfinite(losses).all(), None, None)
+        grads: TaskGradients = task_jacobian(objective, drawn)
         write_task_grads(task, grads.task, grads.tasks)
-        if adatask:  # the shared .grad (the mean) only feeds the finiteness check and clipping
-            task_matrices[net] = grads.matrix
+        if task_wise:  # the shared .grad (the mean) feeds the finiteness check and the clipping norm
             update = grads.matrix.mean(0)
         else:
             update = self.combiner(grads.matrix, generator=generator) if combined else grads.matrix.mean(0)
         write_shared_grad(shared, update)
         if diagnostics and combined:
             metrics.update(gradient_diagnostics(net, grads.matrix, update, self.combiner.last_weights))
-        return grads.losses, grads.tasks, grads.aux
+        losses, aux = grads.losses, grads.aux
+        finite = torch.isfinite(losses).all()
+        if drawn is not None:  # tasks that were not drawn have no loss this update
+            losses = losses.new_full((self.num_tasks,), float("nan")).index_copy(0, drawn, losses)
+            aux = aux.new_full((self.num_tasks,), float("nan")).index_copy(0, drawn, aux)
+        return StageResult(losses, aux, finite, drawn, grads.matrix if task_wise else None)
 
-    def _step(self, task_matrices: dict[str, torch.Tensor]) -> None:
+    def _step(self, stages: dict[str, StageResult]) -> None:
+        """Clip, step every optimizer, then the target critics.
+
+        The task-specific slices of tasks that took no part in a stage (and their optimizer
+        moments) are put back after the step: a zero gradient would still move them through
+        Adam's momentum. The temperature of a task follows its actor loss.
+        """
+        drawn = {net: s.drawn for net, s in stages.items()}
+        drawn["alpha"] = stages["actor"].drawn
+        saved = [self._undrawn_slices(net, tasks) for net, tasks in drawn.items() if tasks is not None]
         if self.grad_clip_norm is not None:
-            for net in NETWORKS:
-                shared, task = self.params[net]
-                torch.nn.utils.clip_grad_norm_([*shared.values(), *task.values()], self.grad_clip_norm)
+            for net, s in stages.items():
+                norm = torch.nn.utils.clip_grad_norm_(self._parameters_of(net), self.grad_clip_norm)
+                if s.task_matrix is not None:  # a task-wise optimizer steps on the rows: clip them alike
+                    s.task_matrix.mul_(torch.clamp(self.grad_clip_norm / (norm + 1e-6), max=1.0))
         for name, opt in self.optimizers.items():
             if name.endswith("_shared"):  # AdaTask: consumes the per-task gradient matrix itself
-                opt.step_tasks(task_matrices[name.removesuffix("_shared")])
+                opt.step_tasks(stages[name.removesuffix("_shared")].task_matrix)
             else:
                 opt.step()
-        with torch.no_grad():
-            target = list(self.critic_target.parameters())
-            torch._foreach_lerp_(target, list(self.critic.parameters()), self.cfg.tau)
+        for slices in saved:
+            _put_back(slices)
+        polyak_update(self.critic_target, self.critic, self.cfg.tau)
+
+    def _undrawn_slices(self, net: str, drawn: torch.Tensor) -> list[tuple]:
+        """Copies of the undrawn tasks' slices of `net`'s task-specific parameters and moments."""
+        _, task = self.params[net]
+        opt = self.optimizers[net]  # holds the task-specific parameters, whatever steps the shared ones
+        out = []
+        for p in task.values():
+            undrawn = torch.ones(p.shape[0], dtype=torch.bool, device=p.device).index_fill_(0, drawn, False)
+            moments = {key: v.clone() for key, v in opt.state.get(p, {}).items() if _is_moment(v, p)}
+            out.append((opt, p, undrawn, p.detach().clone(), moments))
+        return out
+
+
+def _is_moment(value: object, p: nn.Parameter) -> bool:
+    return torch.is_tensor(value) and value.shape == p.shape
+
+
+@torch.no_grad()
+def _put_back(slices: list[tuple]) -> None:
+    for opt, p, undrawn, old, moments in slices:
+        p[undrawn] = old[undrawn]
+        for key, value in opt.state[p].items():
+            if _is_moment(value, p):  # moments created by this very step start from zero
+                value[undrawn] = moments[key][undrawn] if key in moments else 0.0
 
 
 def gradient_diagnostics(net: str, matrix: torch.Tensor, update: torch.Tensor, weights) -> dict[str, torch.Tensor]:
