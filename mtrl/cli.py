@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("checkpoint", type=Path, help="checkpoint file or run directory")
     ev.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the run's eval.episodes)")
-    ev.add_argument("--seed", type=int, default=None, help="seed of the evaluation envs (default: the run's)")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the evaluation envs' goal sets (default: the run's, i.e. the goals it trained on)",
+    )
     ev.add_argument("--device", default="cpu", help="torch device for the policy (default: cpu)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -113,9 +118,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mtrl.checkpoint import load
     from mtrl.config import config_from_dict
     from mtrl.envs import make_envs, task_names
-    from mtrl.evaluation import evaluate
+    from mtrl.evaluation import Evaluator
     from mtrl.policy import Policy, build_actor
-    from mtrl.trainer import EVAL_SEED_OFFSET, resolve_device
+    from mtrl.trainer import resolve_device
 
     if args.episodes is not None and args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, found {args.episodes}")
@@ -124,9 +129,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = Policy(build_actor(state, device), device)
     cfg = config_from_dict(state["config"])
     seed = cfg.seed if args.seed is None else args.seed
-    envs = make_envs(cfg.env, seed + EVAL_SEED_OFFSET, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
-    result = evaluate(policy, envs, task_names(cfg.env), args.episodes or cfg.eval.episodes)
-    envs.close()
+    envs = make_envs(cfg.env, seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
+    evaluator = Evaluator(envs, task_names(cfg.env), args.episodes or cfg.eval.episodes)
+    result = evaluator(policy)
+    evaluator.close()
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

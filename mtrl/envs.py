@@ -3,12 +3,15 @@
 One sub-env per task, sub-env i is task i, observations carry a one-hot task id.
 Training envs sample a goal at random on each reset; evaluation envs follow the Meta-World+
 protocol: `terminate_on_success=True` and a pseudorandom sweep over each task's goals.
+Built with the same seed, both hold the same goal sets (docs/protocol.md).
 Build them once per process and reuse them (Meta-World construction is slow).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
 import warnings
 from functools import partial
 from typing import Any
@@ -114,6 +117,19 @@ def load_env_checkpoint(envs: gym.vector.VectorEnv, state: str) -> None:
     envs.call("load_checkpoint", merged)
 
 
+def goal_sets(envs: gym.vector.VectorEnv) -> list[np.ndarray]:
+    """Each sub-env's goals, `[num_goals, ...]` rows in sorted order (to compare goal sets)."""
+    sets = []
+    for _, ckpt in envs.call("get_checkpoint"):
+        if "tasks" in ckpt:  # Meta-World: the goals are the tasks' random vectors
+            # These pickles come from the live envs of this process, never from a file.
+            goals = [pickle.loads(base64.b64decode(t["data"]))["rand_vec"] for t in ckpt["tasks"]]
+        else:
+            goals = list(ckpt["goals"])
+        sets.append(np.array(sorted(np.asarray(g, dtype=np.float64).tolist() for g in goals)))
+    return sets
+
+
 class ToyReachEnv(gym.Env):
     """A point in the plane must reach a goal; each task's goals sit around its own direction.
 
@@ -137,6 +153,7 @@ class ToyReachEnv(gym.Env):
         self.pseudorandom = evaluation
         self.sample_tasks_on_reset = True
         self.goal_idx = -1
+        self.goal_order = np.arange(num_goals)
         self.np_random = np.random.default_rng([seed, task_id, 2])
         self.one_hot = np.eye(num_tasks, dtype=np.float32)[task_id]
         self.pos = np.zeros(2, np.float32)
@@ -155,11 +172,13 @@ class ToyReachEnv(gym.Env):
         if seed is not None:
             self.np_random = np.random.default_rng([seed, self.task_id, 2])
         if self.sample_tasks_on_reset or self.goal_idx < 0:
-            if self.pseudorandom:
+            if self.pseudorandom:  # like Meta-World: walk through the goals, reshuffled at each wrap-around
                 self.goal_idx = (self.goal_idx + 1) % len(self.goals)
+                if self.goal_idx == 0:
+                    self.goal_order = self.np_random.permutation(len(self.goals))
             else:
                 self.goal_idx = int(self.np_random.integers(len(self.goals)))
-        self.goal = self.goals[self.goal_idx]
+        self.goal = self.goals[self.goal_order[self.goal_idx] if self.pseudorandom else self.goal_idx]
         self.pos = self.np_random.uniform(-0.1, 0.1, size=2).astype(np.float32)
         return self._obs(), {}
 
@@ -173,12 +192,18 @@ class ToyReachEnv(gym.Env):
         return self._obs(), reward, terminated, False, {"success": success}
 
     def get_checkpoint(self) -> tuple[str, dict]:
-        return self.task_name, {"rng": self.np_random.bit_generator.state, "goal_idx": self.goal_idx}
+        return self.task_name, {
+            "rng": self.np_random.bit_generator.state,
+            "goal_idx": self.goal_idx,
+            "goal_order": self.goal_order.tolist(),
+            "goals": self.goals.tolist(),
+        }
 
     def load_checkpoint(self, ckpts: list[tuple[str, dict]]) -> None:
         ckpt = dict(ckpts)[self.task_name]
         self.np_random.bit_generator.state = ckpt["rng"]
         self.goal_idx = ckpt["goal_idx"]
+        self.goal_order = np.asarray(ckpt["goal_order"])
 
 
 def _toy_env(task_id: int, cfg: EnvConfig, seed: int, evaluation: bool) -> gym.Env:

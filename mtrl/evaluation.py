@@ -1,9 +1,11 @@
-"""Success-rate evaluation following the Meta-World+ protocol.
+"""Success-rate evaluation following the Meta-World+ protocol (docs/protocol.md).
 
-Separate evaluation envs (`terminate_on_success=True`, pseudorandom goal sweep), the policy's
-deterministic action, `episodes` episodes per task counted in the order they end, and an episode
-succeeds if `info["success"]` was 1 at any step. Same loop as `metaworld.evaluation.evaluation`,
-so on the same envs and policy both give the same numbers (tests/test_evaluation.py).
+Separate evaluation envs that hold the training envs' goal sets (`terminate_on_success=True`,
+pseudorandom goal sweep), the policy's deterministic action, the first `episodes` episodes of
+each task in the order they end, and an episode succeeds if `info["success"]` was 1 at any step.
+Same loop as `metaworld.evaluation.evaluation`, so on the same envs and policy both give the same
+numbers (tests/test_metaworld.py). `Evaluator` puts its envs back to their freshly built state
+before every evaluation, so every evaluation sweeps the same goals in the same order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
+
+from mtrl.envs import env_checkpoint, load_env_checkpoint
 
 
 class Agent(Protocol):
@@ -77,3 +81,25 @@ def evaluate(agent: Agent, envs: gym.vector.VectorEnv, task_names: list[str], ep
         mean_return=float(np.mean([t["return"] for t in per_task.values()])),
         per_task=per_task,
     )
+
+
+class Evaluator:
+    """The protocol on envs built once: each call starts from the envs' state at construction.
+
+    Meta-World's pseudorandom sweep walks through a task's goals and reshuffles them when it wraps
+    around. Tasks that finish early run more than `episodes` episodes, so without the restore the
+    next evaluation would start mid-sweep and repeat some goals while skipping others.
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, task_names: list[str], episodes: int):
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, found {episodes}")
+        self.envs, self.task_names, self.episodes = envs, list(task_names), episodes
+        self.initial_state = env_checkpoint(envs)
+
+    def __call__(self, agent: Agent) -> EvalResult:
+        load_env_checkpoint(self.envs, self.initial_state)
+        return evaluate(agent, self.envs, self.task_names, self.episodes)
+
+    def close(self) -> None:
+        self.envs.close()

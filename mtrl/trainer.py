@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,27 @@ from mtrl.buffer import Batch, MultiTaskReplayBuffer
 from mtrl.combiners import make_combiner
 from mtrl.config import Config, ConfigError, config_from_dict, to_dict, to_yaml
 from mtrl.envs import env_checkpoint, load_env_checkpoint, make_envs, task_names
-from mtrl.evaluation import EvalResult, evaluate, reported
+from mtrl.evaluation import EvalResult, Evaluator, reported
 from mtrl.logger import MetricLogger, log
 from mtrl.policy import Policy
-from mtrl.sac import MTSAC
+from mtrl.sac import MTSAC, UpdateResult
 
-EVAL_SEED_OFFSET = 10_000
+
+class Callback:
+    """Hooks into the loop, as in Stable-Baselines3: subclass and override what you need.
+
+    `on_update` sees every update's result (finite or not) before the trainer acts on it,
+    `on_eval` every evaluation's result, `on_checkpoint` the path of every checkpoint written.
+    """
+
+    def on_update(self, trainer: Trainer, result: UpdateResult) -> None:
+        return None
+
+    def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
+        return None
+
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        return None
 
 
 class TrainingError(RuntimeError):
@@ -72,8 +88,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, callbacks: Sequence[Callback] = ()):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.callbacks = list(callbacks)
         self.device = resolve_device(cfg.device)
         # Tiny activations late in training turn into subnormal floats, which x86 CPUs compute
         # many times slower; flushing them to zero changes no result that matters.
@@ -84,9 +101,14 @@ class Trainer:
         self.counters = Counters()
 
         self.envs = make_envs(cfg.env, cfg.seed, evaluation=False)
-        self.eval_envs = make_envs(
-            cfg.env, cfg.seed + EVAL_SEED_OFFSET, evaluation=True, vector_strategy=cfg.eval.vector_strategy
+        # The evaluation envs are separate instances holding the same goal sets (the same seed):
+        # MT10/MT50 measure how well the agent solves the tasks it trains on.
+        self.evaluator = Evaluator(
+            make_envs(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy),
+            self.tasks,
+            cfg.eval.episodes,
         )
+        self.eval_envs = self.evaluator.envs
         if self.envs.num_envs != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} sub-envs, found {self.envs.num_envs}")
         self.obs_dim = int(np.prod(self.envs.single_observation_space.shape))
@@ -158,7 +180,6 @@ class Trainer:
             "combiner": self.combiner.state_dict(),
             "rng": {"cpu": self.gen_cpu.get_state(), "device": self.gen_device.get_state()},
             "env_state": self.episode_start_env_state,
-            "eval_env_state": env_checkpoint(self.eval_envs),
             "last_eval": None if self.last_eval is None else self.last_eval.to_dict(),
         }
         if self.cfg.checkpoint.save_buffer:
@@ -199,7 +220,6 @@ class Trainer:
         self.gen_device.set_state(state["rng"]["device"].to("cpu"))
         self.counters = Counters(**state["counters"])
         self.episode_start_env_state = state["env_state"]
-        load_env_checkpoint(self.eval_envs, state["eval_env_state"])
         if state.get("last_eval"):
             self.last_eval = EvalResult(**state["last_eval"])
         log.info("resumed from %s at step %d", path, self.counters.env_steps)
@@ -310,6 +330,8 @@ class Trainer:
         every = cfg.combiner.diagnostics_every
         diagnostics = bool(every) and c.updates % every == 0
         result = self.agent.update(batch, self.gen_device, self.gen_cpu, diagnostics=diagnostics)
+        for callback in self.callbacks:
+            callback.on_update(self, result)
         if not result.finite:
             c.bad_updates += 1
             c.bad_streak += 1
@@ -353,8 +375,10 @@ class Trainer:
     def _evaluate(self, bar: tqdm) -> EvalResult:
         c = self.counters
         start = time.perf_counter()
-        result = evaluate(self.policy(), self.eval_envs, self.tasks, self.cfg.eval.episodes)
+        result = self.evaluator(self.policy())
         self.last_eval = result
+        for callback in self.callbacks:
+            callback.on_eval(self, result)
         values = {
             "eval/mean_success": result.mean_success,
             "eval/mean_return": result.mean_return,
@@ -377,7 +401,10 @@ class Trainer:
         is_best = self.cfg.checkpoint.keep_best and success > c.best_success
         if is_best:
             c.best_success = success
-        return ckpt.save(self.state(), self.run_dir, c.env_steps, self.cfg.checkpoint.keep_last, is_best)
+        path = ckpt.save(self.state(), self.run_dir, c.env_steps, self.cfg.checkpoint.keep_last, is_best)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, path)
+        return path
 
 
 def _success(info: dict, done: np.ndarray, n: int) -> np.ndarray:

@@ -36,7 +36,7 @@ def _measure(mode: str, run: Path) -> dict:
     from tqdm import tqdm
 
     import mtrl.trainer
-    from mtrl.trainer import Trainer
+    from mtrl.trainer import Callback, Trainer
     from tests.conftest import toy_config
 
     made = []
@@ -51,14 +51,12 @@ def _measure(mode: str, run: Path) -> dict:
         # The whole loop (collect, update, evaluate, log, checkpoint), sampled at every evaluation.
         cfg = toy_config(run, "train.total_steps=500", "eval.every=5", "eval.episodes=2", "checkpoint.every=100")
         samples = []
-        evaluate = mtrl.trainer.evaluate
 
-        def sampled(*args, **kwargs):
-            samples.append(psutil.Process().memory_info().rss)
-            return evaluate(*args, **kwargs)
+        class SampleMemory(Callback):
+            def on_eval(self, trainer, result):
+                samples.append(psutil.Process().memory_info().rss)
 
-        mtrl.trainer.evaluate = sampled
-        assert Trainer(cfg, run).train() == 0
+        assert Trainer(cfg, run, callbacks=[SampleMemory()]).train() == 0
         growth = int(np.median(samples[-20:]) - np.median(samples[10:30]))
         return {"growth": growth, "evaluations": len(samples), "make_envs": made}
 

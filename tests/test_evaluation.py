@@ -1,0 +1,91 @@
+"""The evaluation protocol on the toy benchmark: the training goal sets, one sweep per evaluation.
+
+Evaluation envs hold the same goal sets as the training envs, and every evaluation visits each
+task's goals exactly once, in the same order, however much faster some tasks finish than others.
+`mtrl eval CHECKPOINT` reproduces the trainer's own numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from mtrl.cli import main
+from mtrl.config import load_config
+from mtrl.envs import goal_sets, make_envs, task_names
+from mtrl.evaluation import Evaluator, evaluate
+from mtrl.logger import METRICS_FILE
+from mtrl.trainer import Trainer
+from tests.conftest import TOY_OVERRIDES, toy_config
+
+GOALS = 5
+
+
+class GoalRecorder:
+    """Steps task 0 straight to its goal (it succeeds and ends its episodes early) and holds the
+    others still; records the goal each sub-env's episodes start with."""
+
+    def __init__(self, num_envs: int):
+        self.fresh = np.ones(num_envs, dtype=bool)
+        self.goals: list[list[tuple]] = [[] for _ in range(num_envs)]
+
+    def eval_action(self, obs: np.ndarray) -> np.ndarray:
+        for i in np.flatnonzero(self.fresh):
+            self.goals[i].append(tuple(np.round(obs[i, 2:4], 6)))
+        self.fresh[:] = False
+        actions = np.zeros((len(obs), 2), dtype=np.float32)
+        actions[0] = np.clip((obs[0, 2:4] - obs[0, :2]) / 0.1, -1, 1)
+        return actions
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        self.fresh |= env_mask
+
+    def first(self, episodes: int) -> list[list[tuple]]:
+        return [g[:episodes] for g in self.goals]
+
+
+def toy_envs(seed: int = 3, evaluation: bool = True):
+    cfg = load_config(None, [*TOY_OVERRIDES, f"env.num_goals={GOALS}", "env.max_episode_steps=15"])
+    return make_envs(cfg.env, seed, evaluation=evaluation), task_names(cfg.env)
+
+
+def test_each_evaluation_sweeps_every_goal_once_in_the_same_order():
+    envs, names = toy_envs()
+    evaluator = Evaluator(envs, names, GOALS)
+    first, second = GoalRecorder(envs.num_envs), GoalRecorder(envs.num_envs)
+    assert evaluator(first) == evaluator(second)
+    assert len(first.goals[0]) > 2 * GOALS  # task 0 finished early and ran past its sweep
+    assert first.first(GOALS) == second.first(GOALS)
+    for recorded, goals in zip(first.first(GOALS), goal_sets(envs), strict=True):
+        assert sorted(recorded) == sorted(tuple(np.round(g, 6).tolist()) for g in goals)  # each goal once
+
+
+def test_without_the_restore_a_second_sweep_would_repeat_and_skip_goals():
+    """What `Evaluator` prevents: the sweep carries over, and reshuffles when it wraps around."""
+    envs, names = toy_envs()
+    first, second = GoalRecorder(envs.num_envs), GoalRecorder(envs.num_envs)
+    evaluate(first, envs, names, GOALS)
+    evaluate(second, envs, names, GOALS)
+    assert len(set(second.first(GOALS)[0])) < GOALS
+
+
+def test_training_and_evaluation_envs_hold_the_same_goal_sets(tmp_path):
+    trainer = Trainer(toy_config(tmp_path / "run"), tmp_path / "run")
+    for train, evaluation in zip(goal_sets(trainer.envs), goal_sets(trainer.eval_envs), strict=True):
+        assert np.array_equal(train, evaluation)
+    other_seed, _ = toy_envs(seed=4)
+    assert not np.array_equal(goal_sets(other_seed)[0], goal_sets(trainer.envs)[0])
+
+
+def test_cli_eval_reproduces_the_trainers_final_evaluation(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert Trainer(toy_config(run, "eval.episodes=4"), run).train() == 0
+    evals = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    final = [r for r in evals if r["kind"] == "eval"][-1]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mean_success"] == final["eval/mean_success"]
+    assert out["mean_return"] == final["eval/mean_return"]
+    assert {t: v["success"] for t, v in out["per_task"].items()} == final["eval/success/per_task"]
