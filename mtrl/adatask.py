@@ -1,7 +1,7 @@
 """AdaTask (Yang et al., AAAI 2023): task-wise Adam on the shared parameters.
 
 Task k keeps its own moments of its own gradient, and the step sums the tasks' adaptive steps
-(shared/spec/combiners.md, "AdaTask"):
+(docs/combiners.md#adatask):
     m_k <- b1 m_k + (1 - b1) g_k,   v_k <- b2 v_k + (1 - b2) g_k^2
     theta <- theta - lr * sum_k m_hat_k / (sqrt(v_hat_k) + eps)
 It consumes the same per-task gradient matrix as the combiners, via `step_tasks(G)`.

@@ -1,7 +1,7 @@
 """Checks every combiner must pass, shared by the per-method test files (tests/test_combiner_*.py).
 
 A test file subclasses `CombinerProperties`, names the combiner and states what its maths promises
-(the scale convention of shared/spec/combiners.md, how d scales with G); pytest then runs every
+(the scale convention of docs/combiners.md#notation, how d scales with G); pytest then runs every
 check below on it. Helpers for the method-specific tests (random conflicting matrices, a cvxpy
 wrapper) live here too.
 """
@@ -63,7 +63,7 @@ class CombinerProperties:
     name: ClassVar[str]
     hyper_parameters: ClassVar[dict[str, Any]] = {}
     identical_rows_factor: ClassVar[float] = 1.0
-    """d = factor·g when every row is g (spec, "Scale convention")."""
+    """d = factor·g when every row is g (docs/combiners.md#notation, "Scale convention")."""
     scale_power: ClassVar[int] = 1
     """d(sG) = s^power·d(G): 1 for every method but Nash-MTL, whose ‖d‖ = √K at any scale."""
     order_dependent: ClassVar[bool] = False

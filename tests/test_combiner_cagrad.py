@@ -1,5 +1,5 @@
 """CAGrad (Liu et al., NeurIPS 2021): the exact dual against cvxpy, and the authors' Meta-World recipe
-against a literal numpy transcription of the spec (shared/spec/combiners.md, "CAGrad")."""
+against a literal numpy transcription of the recipe (docs/combiners.md#cagrad)."""
 
 import cvxpy as cp
 import numpy as np
@@ -86,7 +86,7 @@ def softmax(v: np.ndarray) -> np.ndarray:
 
 
 def recipe_reference(g: np.ndarray, c: float) -> np.ndarray:
-    """Spec, CAGrad solver="mtrl", steps 1–4, transcribed literally."""
+    """CAGrad solver="mtrl" (docs/combiners.md#cagrad), transcribed literally."""
     k = g.shape[0]
     a = g @ g.T
     s = np.sqrt(np.diag(a) + 1e-4).mean()

@@ -1,5 +1,5 @@
 """ConicGrad (Hassanpour et al., 2025): the update against the primal solved by cvxpy, the limits,
-and the cases where no direction in the cone helps every task (shared/spec/combiners.md)."""
+and the cases where no direction in the cone helps every task (docs/combiners.md#conicgrad)."""
 
 import cvxpy as cp
 import numpy as np
@@ -20,7 +20,7 @@ class TestConicGradWideCone(CombinerProperties):
 
 
 def primal(matrix: torch.Tensor, c: float) -> tuple[float, np.ndarray]:
-    """max_d min_i g_iᵀd s.t. ‖d‖ ≤ 1, g0ᵀd ≥ c‖g0‖‖d‖, straight from the spec: (value, ‖g0‖·d*)."""
+    """max_d min_i g_iᵀd s.t. ‖d‖ ≤ 1, g0ᵀd ≥ c‖g0‖‖d‖, straight from the definition: (value, ‖g0‖·d*)."""
     g = as_numpy(matrix)
     g0 = g.mean(0)
     direction, value = cp.Variable(g.shape[1]), cp.Variable()

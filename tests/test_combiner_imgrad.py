@@ -1,4 +1,4 @@
-"""IMGrad (Zhou et al., 2025): both variants' duals against cvxpy (shared/spec/combiners.md, "IMGrad")."""
+"""IMGrad (Zhou et al., 2025): both variants' duals against cvxpy (docs/combiners.md#imgrad)."""
 
 import cvxpy as cp
 import numpy as np
@@ -29,7 +29,7 @@ class TestIMGradCode(CombinerProperties):
 
 
 def reference(matrix: torch.Tensor, c: float, variant: str) -> np.ndarray:
-    """The spec's two steps with cvxpy: MGDA's min-norm point for cos θ, then the variant's dual."""
+    """The two steps with cvxpy: MGDA's min-norm point for cos θ, then the variant's dual."""
     g = as_numpy(matrix)
     g0 = g.mean(0)
     k = g.shape[0]

@@ -1,4 +1,4 @@
-"""`mean`: plain averaging, the MT-SAC baseline (spec, "mean")."""
+"""`mean`: plain averaging, the MT-SAC baseline (docs/combiners.md#mean)."""
 
 import torch
 

@@ -1,5 +1,5 @@
 """Nash-MTL (Navon et al., ICML 2022): the fixed point α_i(Aα)_i = 1, its warm start, and the
-degenerate inputs for which no such point exists (shared/spec/combiners.md, "Baselines for breadth")."""
+degenerate inputs for which no such point exists (docs/combiners.md#nash-mtl)."""
 
 import math
 

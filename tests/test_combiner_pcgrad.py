@@ -1,5 +1,5 @@
 """PCGrad (Yu et al., NeurIPS 2020): projections against the original gradients in a random order
-drawn from the caller's generator (shared/spec/combiners.md, "Baselines for breadth")."""
+drawn from the caller's generator (docs/combiners.md#pcgrad)."""
 
 import itertools
 
@@ -16,7 +16,7 @@ class TestPCGrad(CombinerProperties):
 
 
 def reference(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
-    """The spec on n-vectors: g_i ← g_i − (g_iᵀg_j/‖g_j‖²)g_j if g_iᵀg_j < 0, j over orders[i]."""
+    """The update rule on n-vectors: g_i ← g_i − (g_iᵀg_j/‖g_j‖²)g_j if g_iᵀg_j < 0, j over orders[i]."""
     projected = []
     for i, order in enumerate(orders):
         current = g[i].copy()

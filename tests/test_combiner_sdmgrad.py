@@ -1,5 +1,5 @@
 """SDMGrad (Xiao, Ban & Ji, NeurIPS 2023): the exact QP against cvxpy, its limits, and the authors'
-Meta-World recipe against a literal numpy transcription of the spec (shared/spec/combiners.md)."""
+Meta-World recipe against a literal numpy transcription of the recipe (docs/combiners.md#sdmgrad)."""
 
 import cvxpy as cp
 import numpy as np
@@ -64,7 +64,7 @@ def project_onto_simplex(v: np.ndarray) -> np.ndarray:
 
 
 def recipe_reference(g: np.ndarray, lam: float, lr: float) -> np.ndarray:
-    """Spec, SDMGrad solver="mtrl", transcribed literally."""
+    """SDMGrad solver="mtrl" (docs/combiners.md#sdmgrad), transcribed literally."""
     k = g.shape[0]
     a = g @ g.T
     s = np.sqrt(np.diag(a) + 1e-4).mean()
@@ -94,7 +94,7 @@ def test_mtrl_recipe_matches_the_reference(k, lam):
 
 
 def test_mtrl_recipe_keeps_the_uniform_start_at_50_tasks():
-    # Known behaviour (spec): the uniform start is often the best iterate (lr 50 overshoots), and
+    # Known behaviour (docs/combiners.md#sdmgrad): the uniform start is often the best iterate (lr 50 overshoots), and
     # the recipe then returns g0 exactly, as on this matrix. Faithful, not a bug; the exact solver does not.
     matrix = conflicting(50, 150, 2)
     assert_close(make_combiner("sdmgrad", solver="mtrl")(matrix), matrix.mean(0), rtol=1e-12)

@@ -1,5 +1,5 @@
 """SDMGrad-OS: the task draw (`select_tasks`) and SDMGrad on the drawn rows, with the authors'
-recipe at learning rate 50 for every K (shared/spec/combiners.md, "SDMGrad-OS")."""
+recipe at learning rate 50 for every K (docs/combiners.md#sdmgrad-os)."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Gradient combiners: the K×n matrix of per-task gradients in, one update direction out.
 
 `make_combiner(name, **hyper_parameters)` builds one from the registry `COMBINERS`; the maths of
-each is in shared/spec/combiners.md.
+each is in docs/combiners.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A combiner is pure maths: the K×n matrix G of per-task gradients (row i = ∇L_i) in, one update
 vector d of length n out. Every method except `mean` reduces to task weights w computed from the
-K×K Gramian A = G Gᵀ, followed by d = Gᵀw (see shared/spec/combiners.md, "Notation").
+K×K Gramian A = G Gᵀ, followed by d = Gᵀw (see docs/combiners.md#notation).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class CAGrad(Combiner):
     dual does not fix a direction) λ is taken as 0 and d = g0/r.
 
     `solver="exact"` solves the dual to convergence; `solver="mtrl"` is the authors' Meta-World recipe
-    (spec, CAGrad steps 1–4), which divides by 1 + c², i.e. `rescale=1`.
+    (docs/combiners.md#cagrad), which divides by 1 + c², i.e. `rescale=1`.
     """
 
     def __init__(self, c: float = 0.4, rescale: int = 1, solver: str = "exact") -> None:
@@ -47,7 +47,7 @@ class CAGrad(Combiner):
         return dual, conflict_averse_scale(gramian, dual, radius)
 
     def _recipe(self, gramian: Tensor) -> tuple[Tensor, Tensor]:
-        """(w, λ) by the authors' recipe: SGD on softmax logits of the scaled dual (spec, steps 1–4)."""
+        """(w, λ) by the authors' recipe: SGD on softmax logits of the scaled dual (docs/combiners.md#cagrad)."""
         scaled = mtrl_recipe.ScaledGramian.of(gramian)
         radius = self.c * (scaled.mean + mtrl_recipe.EPSILON).sqrt()
 

@@ -13,9 +13,9 @@ NO_COMMON_ASCENT = 1e-10
 
 
 class ConicGrad(Combiner):
-    """max_d min_i g_iᵀd s.t. ‖d‖ ≤ 1 and g0ᵀd ≥ c‖g0‖‖d‖; the update is ‖g0‖·d* (spec, ConicGrad).
+    """max_d min_i g_iᵀd s.t. ‖d‖ ≤ 1 and g0ᵀd ≥ c‖g0‖‖d‖; the update is ‖g0‖·d* (docs/combiners.md#conicgrad).
 
-    The spec's dual is w* = argmin_{w∈Δ} σ(g_w), σ the support function of the cone (half-angle
+    The dual is w* = argmin_{w∈Δ} σ(g_w), σ the support function of the cone (half-angle
     arccos c) cut by the unit ball. σ is only C¹ where g_w crosses the cone's surface, so it is
     rewritten as a norm: where σ > 0 the maximising d is a unit vector, so σ is also the support
     function of the ball cut by the half-space ĝ0ᵀd ≥ c (the convex hull of the cone's unit cap),
@@ -23,9 +23,9 @@ class ConicGrad(Combiner):
         σ(g) = min_{η≥0} ‖g + ηĝ0‖ − cη,   maximised by d* = (g + η*ĝ0)/‖g + η*ĝ0‖.
     So (w*, η*) = argmin_{w∈Δ, η≥0} ‖g_w + ηĝ0‖ − cη, a norm of the rows of G extended by ĝ0 (only
     A is needed), solved exactly as a second-order cone program. η* = 0 exactly when g_w* lies in
-    the cone (then d* = ĝ_w*); otherwise d* is on the cone's surface, c·ĝ0 + sqrt(1 − c²)·û as in
-    the spec. When the optimal value is ≤ 0 no direction in the cone helps every task and d = g0;
-    c = 1 (the cone is the ray of g0) gives g0.
+    the cone (then d* = ĝ_w*); otherwise d* is on the cone's surface, c·ĝ0 + sqrt(1 − c²)·û with û
+    the unit component of g_w* orthogonal to g0. When the optimal value is ≤ 0 no direction in the
+    cone helps every task and d = g0; c = 1 (the cone is the ray of g0) gives g0.
     """
 
     def __init__(self, c: float = 0.5) -> None:

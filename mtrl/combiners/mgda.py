@@ -10,7 +10,7 @@ from mtrl.combiners.simplex import SimplexProgram, minimize_on_simplex
 
 
 class MGDA(Combiner):
-    """d = g_w*, w* = argmin_{w∈Δ} wᵀAw (spec, "Baselines for breadth")."""
+    """d = g_w*, w* = argmin_{w∈Δ} wᵀAw (docs/combiners.md#mgda)."""
 
     def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return min_norm_weights(normalised(gramian)[0])

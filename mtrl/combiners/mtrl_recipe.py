@@ -1,8 +1,8 @@
 """The authors' Meta-World solver for the CAGrad and SDMGrad duals (`solver="mtrl"`), step for step.
 
 Both papers' Meta-World code replaces an exact solve by 20 steps of SGD with momentum on the
-K×K problem, scaled as below, keeping the best of 21 evaluations (shared/spec/combiners.md,
-CAGrad steps 1–4 and SDMGrad "solver=mtrl"). Gradients are closed form; nothing leaves the device.
+K×K problem, scaled as below, keeping the best of 21 evaluations (docs/combiners.md#solvers,
+#cagrad and #sdmgrad). Gradients are closed form; nothing leaves the device.
 """
 
 from __future__ import annotations

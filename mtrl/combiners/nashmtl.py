@@ -20,7 +20,7 @@ _HALVINGS = 7
 
 
 class NashMTL(Combiner):
-    """α > 0 with (Aα)_i = 1/α_i for every i, d = Gᵀα (Navon et al., 2022, Eq. 4; spec, Nash-MTL).
+    """α > 0 with (Aα)_i = 1/α_i for every i, d = Gᵀα (Navon et al., 2022, Eq. 4; docs/combiners.md#nash-mtl).
 
     Then g_iᵀd = 1/α_i and ‖d‖ = √K at any gradient scale; no max-norm clipping is applied.
     The equations are the stationarity conditions of the strictly convex ψ(α) = ½αᵀAα − Σ log α_i,

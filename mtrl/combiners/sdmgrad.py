@@ -13,7 +13,7 @@ SOLVERS = ("exact", "mtrl")
 
 
 class SDMGrad(Combiner):
-    """w* = argmin_{w∈Δ} ½‖g_w + λ g0‖², d = (g_w* + λ g0)/(1 + λ), λ = `lam` (spec, SDMGrad).
+    """w* = argmin_{w∈Δ} ½‖g_w + λ g0‖², d = (g_w* + λ g0)/(1 + λ), λ = `lam` (docs/combiners.md#sdmgrad).
 
     λ → 0 is MGDA and λ → ∞ plain averaging. `solver="exact"` solves the QP to convergence;
     `solver="mtrl"` is the authors' recipe: projected SGD from the uniform weights, which often keeps
@@ -37,7 +37,7 @@ class SDMGrad(Combiner):
         return minimize_on_simplex(SimplexProgram(size, self.lam * gramian.mean(1), quadratic=gramian))
 
     def _recipe(self, gramian: Tensor) -> Tensor:
-        """Projected SGD on obj = wᵀÂw + 2λwᵀb + λ²gg from w = 1/K (spec, SDMGrad "solver=mtrl")."""
+        """Projected SGD on obj = wᵀÂw + 2λwᵀb + λ²gg from w = 1/K (docs/combiners.md#sdmgrad)."""
         scaled = mtrl_recipe.ScaledGramian.of(gramian)
         lam = self.lam
 

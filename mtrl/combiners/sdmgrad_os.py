@@ -14,7 +14,7 @@ class SDMGradOS(SDMGrad):
 
     `select_tasks` draws the subset before any gradient is computed (only those rows are needed);
     the combiner then runs SDMGrad on the rows it is given, g0 being their mean. The authors' recipe
-    uses SGD learning rate 50 for every K here (spec, SDMGrad-OS).
+    uses SGD learning rate 50 for every K here (docs/combiners.md#sdmgrad-os).
     """
 
     def __init__(self, lam: float = 0.6, n: int = 4, solver: str = "exact") -> None:

@@ -1,6 +1,6 @@
 """Convex programs over the probability simplex Δ, solved on the device in a fixed number of steps.
 
-Every exact dual in shared/spec/combiners.md is one `SimplexProgram`:
+Every exact dual in docs/combiners.md is one `SimplexProgram` (docs/combiners.md#solvers):
 
     minimise ½xᵀQx + pᵀx + κ·sqrt(xᵀRx)   over x = (w, v), w ∈ Δ, v ≥ 0,
 
@@ -30,7 +30,7 @@ QUADRATIC_ITERATIONS = 16
 """Interior-point iterations without a norm: quadratic programs reach machine precision in 10–14."""
 
 CONE_ITERATIONS = 20
-"""Interior-point iterations with a norm: 16 suffice on most of the spec's duals, 20 on all we tried
+"""Interior-point iterations with a norm: 16 suffice on most of the combiners' duals, 20 on all we tried
 (task-gradient norms spread over 4 decades included)."""
 
 _CENTRALITY_FLOOR = 1e-13
