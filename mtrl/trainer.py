@@ -297,7 +297,7 @@ class Trainer:
 
                 if c.env_steps >= self.learning_starts:
                     for _ in range(cfg.train.updates_per_step):
-                        update_metrics = self._update() or update_metrics
+                        update_metrics.update(self._update() or {})
                 bar.update(1)
 
                 if c.env_steps % cfg.log.every == 0:
@@ -366,6 +366,8 @@ class Trainer:
         for key, value in update_metrics.items():
             values[key] = value.detach().cpu().numpy()
         record = self.logger.log(c.env_steps, "train", values)
+        for key in [k for k in update_metrics if k.startswith("combiner/")]:
+            del update_metrics[key]  # a diagnostics update's metrics reach exactly one log
         window.update(time=now, steps=c.env_steps, updates=c.updates)
         postfix = {"steps/s": f"{record['perf/env_steps_per_s']:.0f}"}
         if self.last_eval is not None:

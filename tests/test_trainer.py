@@ -143,3 +143,19 @@ def test_checkpoint_holds_only_the_filled_part_of_the_buffer(tmp_path):
     state = ckpt.load(run)
     assert state["buffer"]["obs"].shape[:2] == (3, 100)
     assert ckpt.latest_checkpoint(run).stat().st_size < 2_000_000  # the full buffer would be ~30 MB
+
+
+def test_each_diagnostics_update_reaches_exactly_one_log(tmp_path):
+    """Diagnostics of an update between two logs are written at the next log, and only there."""
+    cfg = toy_config(
+        tmp_path / "run",
+        "combiner.name=cagrad",
+        "combiner.diagnostics_every=20",
+        "train.warmup_steps=50",
+        "train.total_steps=110",
+    )
+    assert Trainer(cfg, tmp_path / "run").train() == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if r["kind"] == "train" and "combiner/critic/cos_mean" in r]
+    # updates 0, 20, 40, ... happen at steps 50, 70, 90, ...; logs every 20 steps from step 20
+    assert logged == [60, 80, 100]
