@@ -1,4 +1,4 @@
-"""Command line: `mtrl train | eval | bench`. Thin: parsing, then one call into the package."""
+"""Command line: `mtrl train | eval | bench | report`. Thin: parsing, then one call into the package."""
 
 from __future__ import annotations
 
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
+
+    from mtrl import report
+
+    report.add_parser(sub)
     return parser
 
 
@@ -156,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_console()
-    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+    from mtrl import report
+
+    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "report": report.run}
     try:
         return commands[args.command](args)
     except (ConfigError, CheckpointError, TrainingError) as err:
