@@ -12,9 +12,9 @@ import pytest
 
 from mtrl.checkpoint import latest_checkpoint
 from mtrl.cli import main
-from mtrl.config import EnvConfig
-from mtrl.envs import make_envs, task_names
-from mtrl.evaluation import evaluate
+from mtrl.config import EnvConfig, load_config
+from mtrl.envs import goal_sets, make_envs, task_names
+from mtrl.evaluation import Evaluator, evaluate
 
 pytestmark = pytest.mark.metaworld
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,56 @@ def test_eval_envs_follow_the_protocol():
         goals.append(tuple(np.round(obs[0, 36:39], 6)))
     assert len(set(goals)) == 5  # a new goal every episode (pseudorandom sweep)
     assert envs.single_observation_space.shape == (39 + 1,)  # one-hot task id is on
+
+
+@pytest.mark.parametrize(
+    "preset", [pytest.param("mt10_mtsac.yaml", marks=pytest.mark.slow), "mt10_mtsac_paper.yaml"]
+)  # building MT10's 50 goals per task twice takes ~45 s: the 50-goal case runs with -m slow
+def test_training_and_evaluation_envs_hold_identical_goals_per_task(preset):
+    cfg = load_config(ROOT / "configs" / preset, ["env.vector_strategy=sync"])
+    train, evaluation = make_envs(cfg.env, 0, evaluation=False), make_envs(cfg.env, 0, evaluation=True)
+    train_goals, eval_goals = goal_sets(train), goal_sets(evaluation)
+    assert len(train_goals) == 10 and all(len(g) == cfg.env.num_goals for g in train_goals)
+    for task_train, task_eval in zip(train_goals, eval_goals, strict=True):
+        assert np.array_equal(task_train, task_eval)
+    train.close()
+    evaluation.close()
+
+
+class ReachThenIdle:
+    """Meta-World's expert on the first task (it succeeds and ends its episodes early), no motion on
+    the others; records the goal (observation 36:39) each episode starts with."""
+
+    def __init__(self, tasks: list[str]):
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.expert = ENV_POLICY_MAP[tasks[0]]()
+        self.fresh = np.ones(len(tasks), dtype=bool)
+        self.goals: list[list[tuple]] = [[] for _ in tasks]
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        for i in np.flatnonzero(self.fresh):
+            self.goals[i].append(tuple(np.round(observations[i, 36:39], 6)))
+        self.fresh[:] = False
+        actions = np.zeros((len(observations), 4))
+        actions[0] = self.expert.get_action(observations[0, :39])
+        return actions
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        self.fresh |= env_mask
+
+
+def test_every_evaluation_visits_each_goal_once_in_the_same_order():
+    tasks, goals = ["reach-v3", "push-v3"], 5
+    cfg = EnvConfig(benchmark="custom", tasks=tasks, max_episode_steps=60, num_goals=goals)
+    evaluator = Evaluator(make_envs(cfg, 0, evaluation=True), tasks, goals)
+    first, second = ReachThenIdle(tasks), ReachThenIdle(tasks)
+    assert evaluator(first) == evaluator(second)
+    assert len(first.goals[0]) > goals + 1  # reach finished early and ran into its next sweep
+    for recorded in (first, second):
+        assert all(len(set(g[:goals])) == goals for g in recorded.goals)  # each goal once
+    assert [g[:goals] for g in first.goals] == [g[:goals] for g in second.goals]
+    evaluator.close()
 
 
 def test_smoke_preset_end_to_end(tmp_path, capsys):
