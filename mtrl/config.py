@@ -92,7 +92,7 @@ class TrainConfig:
     buffer_device: str = _f("auto", "auto (training device when it fits) | cpu | the training device")
     grad_clip_norm: float | None = _f(None, "clip each network's gradient to this norm (null = off)")
     q_target_clip: float | None = _f(
-        None, "clip critic targets to [-x, x]; null = off, as in the reference recipe (a safety valve for diverging critics)"
+        None, "clip critic targets to [-x, x]; null = off, as in the reference recipe (a valve for diverging critics)"
     )
     max_bad_updates: int = _f(100, "stop the run after this many consecutive non-finite updates")
     torch_threads: int = _f(
