@@ -53,7 +53,9 @@ def test_one_video_per_task_with_the_evaluation_episodes(tmp_path):
     envs = make_envs(TOY, seed, evaluation=True, vector_strategy="sync", render={"width": 40, "height": 24})
     videos = record_videos(ScriptedToyAgent(), envs, task_names(TOY), tmp_path / "videos", episodes)
     envs.close()
-    reference = evaluate(ScriptedToyAgent(), make_envs(TOY, seed, evaluation=True), task_names(TOY), episodes)
+    reference_envs = make_envs(TOY, seed, evaluation=True)
+    reference = evaluate(ScriptedToyAgent(), reference_envs, task_names(TOY), episodes)
+    reference_envs.close()
 
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["toy-0.mp4", "toy-1.mp4", "toy-2.mp4"]
     for task, video in videos.items():
@@ -233,7 +235,9 @@ def test_metaworld_video_of_reach(tmp_path, monkeypatch):
         pytest.skip(str(err))
     finally:
         envs.close()
-    reference = evaluate(MetaWorldExpert(cfg.tasks), make_envs(cfg, 3, evaluation=True), task_names(cfg), 1)
+    reference_envs = make_envs(cfg, 3, evaluation=True)
+    reference = evaluate(MetaWorldExpert(cfg.tasks), reference_envs, task_names(cfg), 1)
+    reference_envs.close()
 
     video = videos["reach-v3"]
     assert video.lengths == [10]
