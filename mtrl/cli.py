@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="seed of the evaluation envs (default: the run's)")
     ev.add_argument("--device", default="cpu", help="torch device for the policy (default: cpu)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ev.add_argument("--video", type=Path, metavar="DIR", help="instead, render episodes to DIR/<task>.mp4")
+    ev.add_argument(
+        "--video", type=Path, metavar="DIR", help="instead of evaluating, film evaluation episodes to DIR/<task>.mp4"
+    )
     ev.add_argument("--video-episodes", type=int, default=1, metavar="N", help="episodes per video (default 1)")
     ev.add_argument("--width", type=int, default=256, help="video width in pixels, even (default 256)")
     ev.add_argument("--height", type=int, default=256, help="video height in pixels, even (default 256)")
