@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--device", default="cpu", help="torch device for the policy (default: cpu)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument(
+        "--video", type=Path, metavar="DIR", help="instead of evaluating, film evaluation episodes to DIR/<task>.mp4"
+    )
+    ev.add_argument("--video-episodes", type=int, default=1, metavar="N", help="episodes per video (default 1)")
+    ev.add_argument("--width", type=int, default=256, help="video width in pixels, even (default 256)")
+    ev.add_argument("--height", type=int, default=256, help="video height in pixels, even (default 256)")
+    ev.add_argument(
+        "--camera",
+        help="camera: Meta-World's corner (default), corner2, corner3, corner4, topview, behindGripper, gripperPOV; "
+        "the toy benchmark's topview",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks (see `mtrl bench update --help`)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -133,6 +144,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = Policy(build_actor(state, device), device)
     cfg = config_from_dict(state["config"])
     seed = cfg.seed if args.seed is None else args.seed
+    if args.video is not None:
+        from mtrl import video
+
+        return video.run(args, policy, cfg, seed)
     envs = make_envs(cfg.env, seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
     evaluator = Evaluator(envs, task_names(cfg.env), args.episodes or cfg.eval.episodes)
     result = evaluator(policy)
