@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
+
+    from mtrl import baseline
+
+    baseline.add_parser(sub)
     return parser
 
 
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_console()
-    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+    from mtrl import baseline
+
+    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "baseline": baseline.run}
     try:
         return commands[args.command](args)
     except (ConfigError, CheckpointError, TrainingError) as err:
