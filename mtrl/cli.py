@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
 
-    from mtrl import report
+    from mtrl import baseline, report
 
-    report.add_parser(sub)
+    for module in (baseline, report):  # each owns its subcommand's parser and body
+        module.add_parser(sub)
     return parser
 
 
@@ -175,9 +176,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_console()
-    from mtrl import report
+    from mtrl import baseline, report
 
-    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "report": report.run}
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "bench": cmd_bench,
+        "baseline": baseline.run,
+        "report": report.run,
+    }
     try:
         return commands[args.command](args)
     except (ConfigError, CheckpointError, TrainingError) as err:
