@@ -459,7 +459,8 @@ class BaselineRun:
         import torch
 
         from mtrl.checkpoint import CheckpointError
-        from mtrl.envs import load_env_checkpoint, make_envs, task_names
+        from mtrl.envs import make_envs, task_names
+        from mtrl.evaluation import Evaluator
         from mtrl.trainer import resolve_device, set_cpu_threads
 
         check_supported(cfg)
@@ -483,7 +484,11 @@ class BaselineRun:
                 raise CheckpointError(f"{self.run_dir} was trained on other tasks than this config")
             check_resumable(_saved_config(self.run_dir), cfg)
         self.train_envs = make_envs(cfg.env, cfg.seed, evaluation=False, vector_strategy="sync")
-        self.eval_envs = make_envs(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
+        self.evaluator = Evaluator(
+            make_envs(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy),
+            self.tasks,
+            cfg.eval.episodes,
+        )
         # The training vector env is never stepped: it only builds the K sub-envs, each a full
         # gymnasium env (time limit, one-hot, episode statistics, goal selection) that SB3 steps.
         try:
@@ -494,7 +499,6 @@ class BaselineRun:
                 recover(self.run_dir)
                 for task in self.task_agents:
                     task.restore(self.baseline_dir, state["step"], with_buffer=state["buffer_saved"])
-                load_env_checkpoint(self.eval_envs, state["eval_env_state"])
                 self.step, self.last_eval = state["step"], state["last_eval"]
         except BaseException:
             self.close()
@@ -571,7 +575,7 @@ class BaselineRun:
 
     def close(self) -> None:
         self.train_envs.close()
-        self.eval_envs.close()
+        self.evaluator.close()
 
     def _log_train(self, step: int, steps: int, seconds: float) -> None:
         returns, successes = [], []
@@ -591,10 +595,8 @@ class BaselineRun:
     def _evaluate(self) -> None:
         from tqdm import tqdm
 
-        from mtrl.evaluation import evaluate
-
         start = time.perf_counter()
-        result = evaluate(PerTaskPolicies(self.models), self.eval_envs, self.tasks, self.cfg.eval.episodes)
+        result = self.evaluator(PerTaskPolicies(self.models))
         self.last_eval = result.to_dict()
         values = {
             "eval/mean_success": result.mean_success,
@@ -612,8 +614,6 @@ class BaselineRun:
 
     def _save(self) -> None:
         """Commit every task's files for `self.step` at once (see the module docstring)."""
-        from mtrl.envs import env_checkpoint
-
         stage = self.baseline_dir / PENDING_DIR
         if stage.exists():
             shutil.rmtree(stage)
@@ -629,7 +629,6 @@ class BaselineRun:
             "tasks": self.tasks,
             "seeds": [t.seed for t in self.task_agents],
             "buffer_saved": with_buffer,
-            "eval_env_state": env_checkpoint(self.eval_envs),
             "last_eval": self.last_eval,
         }
         _write_durably(stage / STATE_FILE, json.dumps(state).encode())  # the commit point

@@ -115,7 +115,7 @@ def test_agent_k_trains_on_task_k_of_the_multitask_envs_and_is_evaluated_on_its_
         assert env.get_wrapper_attr("task_name") == TASKS[k]
         goals = env.get_wrapper_attr("goals")
         np.testing.assert_array_equal(goals, multitask.envs[k].get_wrapper_attr("goals"))
-        np.testing.assert_array_equal(goals, run.eval_envs.envs[k].get_wrapper_attr("goals"))
+        np.testing.assert_array_equal(goals, run.evaluator.envs.envs[k].get_wrapper_attr("goals"))
         assert not env.get_wrapper_attr("terminate_on_success")
     assert run.train() == 0
 
@@ -270,7 +270,7 @@ def test_mt1_reach_trains_and_evaluates_on_the_training_goals(tmp_path):
     ]
     run = BaselineRun(load_config(None, overrides), tmp_path / "run")
     train_goals = sorted(t.data for t in run.models[0].get_env().envs[0].get_wrapper_attr("tasks"))
-    eval_goals = sorted(t.data for t in run.eval_envs.envs[0].get_wrapper_attr("tasks"))
+    eval_goals = sorted(t.data for t in run.evaluator.envs.envs[0].get_wrapper_attr("tasks"))
     assert train_goals == eval_goals and len(train_goals) == 50
     assert run.train() == 0
     run.close()
@@ -289,7 +289,7 @@ def test_mt10_agents_train_and_evaluate_on_the_multitask_goal_sets(tmp_path):
         return sorted(t.data for t in env.get_wrapper_attr("tasks"))
 
     for k, model in enumerate(run.models):
-        assert goals(model.get_env().envs[0]) == goals(run.eval_envs.envs[k])
+        assert goals(model.get_env().envs[0]) == goals(run.evaluator.envs.envs[k])
     # Why not Meta-World's MT1 with the same seed: it draws other goals than task k inside MT10.
     reach = run.tasks.index("reach-v3")
     mt1 = make_envs(load_config(None, ["env.benchmark=MT1", "env.tasks=[reach-v3]", "seed=3"]).env, 3, False)
