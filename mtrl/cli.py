@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
 
-    from mtrl import baseline, report
+    from mtrl import baseline, report, sweep
 
-    for module in (baseline, report):  # each owns its subcommand's parser and body
+    for module in (baseline, report, sweep):  # each owns its subcommand's parser and body
         module.add_parser(sub)
     return parser
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_console()
-    from mtrl import baseline, report
+    from mtrl import baseline, report, sweep
 
     commands = {
         "train": cmd_train,
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "baseline": baseline.run,
         "report": report.run,
+        "sweep": sweep.run,
     }
     try:
         return commands[args.command](args)
