@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -39,6 +40,8 @@ import yaml
 from mtrl.config import Config, ConfigError
 
 COMMANDS = ("train", "baseline")
+# `mtrl baseline` is an optional module: a sweep of it needs an installation that has it.
+COMMANDS_AVAILABLE = {c: c == "train" or importlib.util.find_spec(f"mtrl.{c}") is not None for c in COMMANDS}
 SPEC_KEYS = ("name", "root", "command", "presets", "overrides", "grid", "seeds", "resources", "max_retries")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 # Set by the sweep for every trial: the seed from `seeds`, the run directory from `root`.
@@ -114,6 +117,7 @@ class SweepSpec:
 @dataclass
 class Trial:
     name: str
+    command: str  # train | baseline
     preset: Path
     point: dict[str, Any]  # this trial's grid values
     seed: int
@@ -125,9 +129,17 @@ class Trial:
     def total_steps(self) -> int:
         return self.config.train.total_steps
 
-    def resume_overrides(self) -> list[str]:
+    def start_argv(self) -> list[str]:
+        """The `mtrl` arguments that start this trial's run."""
+        return [self.command, "--config", str(self.preset), *self.overrides]
+
+    def resume_argv(self) -> list[str]:
+        """The `mtrl` arguments that resume it: the saved config, with the keys a sweep may change between runs."""
         cfg = self.config
         return [
+            self.command,
+            "--resume",
+            str(self.run_dir),
             f"train.total_steps={cfg.train.total_steps}",
             f"train.torch_threads={cfg.train.torch_threads}",
             "log.progress=false",
@@ -249,6 +261,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     command = data.get("command", "train")
     if command not in COMMANDS:
         raise _spec_error(source, "command", f"must be one of {', '.join(COMMANDS)}; found {command!r}")
+    if not COMMANDS_AVAILABLE[command]:
+        raise _spec_error(source, "command", f"this installation of mtrl has no `mtrl {command}`")
 
     presets = data["presets"]
     if not isinstance(presets, list) or not presets or not all(isinstance(p, str) and p for p in presets):
@@ -353,7 +367,7 @@ def expand(spec: SweepSpec) -> list[Trial]:
                     raise _spec_error(
                         spec.source, "grid", f"two trials get the name {name}: {seen[name].point} and {point}"
                     )
-                trial = Trial(name, preset, point, seed, run_dir, overrides, cfg)
+                trial = Trial(name, spec.command, preset, point, seed, run_dir, overrides, cfg)
                 seen[name] = trial
                 trials.append(trial)
     return trials
@@ -378,22 +392,48 @@ def _differences(run: Config, trial: Config) -> list[str]:
     return [f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} in the sweep" for k in keys]
 
 
-def run_progress(trial: Trial) -> int | None:
-    """The step of the trial's latest checkpoint (None: nothing to resume), after checking it is this trial's run."""
-    from mtrl import checkpoint as ckpt
-    from mtrl.config import load_config
+def saved_step(command: str, run_dir: Path) -> int | None:
+    """The step a run can resume from (its latest checkpoint), or None when it holds none.
 
-    latest = ckpt.latest_checkpoint(trial.run_dir)
-    if latest is None:
+    Read from file names and small state files only: checkpoints are large when they hold the replay buffer.
+    """
+    if command == "baseline":
+        from mtrl.baseline import read_state
+
+        state = read_state(run_dir)
+        return None if state is None else int(state["step"])
+    from mtrl import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(run_dir)
+    return None if latest is None else ckpt.checkpoint_step(latest)
+
+
+def _saved_config(command: str, run_dir: Path) -> Config:
+    """The run's config.yaml (written before its first checkpoint); a baseline run's also names its method."""
+    from mtrl.config import config_from_dict
+
+    path = run_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path}: {type(err).__name__}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a run config")
+    if (data.pop("method", None) is None) != (command == "train"):
+        raise ConfigError(f"{path} is not the config of an `mtrl {command}` run")
+    return config_from_dict(data)
+
+
+def run_progress(trial: Trial) -> int | None:
+    """The step the trial's run can resume from (None: nothing to resume), after checking it is this trial's run."""
+    step = saved_step(trial.command, trial.run_dir)
+    if step is None:
         return None
-    step = ckpt.checkpoint_step(latest)
     where = f"trial {trial.name}: {trial.run_dir}"
     try:
-        # config.yaml is the run's config (written before its first checkpoint): reading it avoids
-        # loading checkpoints, which are large when they hold the replay buffer.
-        saved = load_config(trial.run_dir / "config.yaml")
+        saved = _saved_config(trial.command, trial.run_dir)
     except ConfigError as err:
-        raise ConfigError(f"{where} holds checkpoints but no readable config: {err}") from None
+        raise ConfigError(f"{where} holds checkpoints but no usable config: {err}") from None
     diff = _differences(saved, trial.config)
     if diff:
         more = f" (and {len(diff) - 2} more)" if len(diff) > 2 else ""
@@ -439,18 +479,11 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
 
     Raises TrialCrashed (which Ray retries) or TrialRejected (which it does not) when the process fails.
     """
-    from mtrl import checkpoint as ckpt
-
-    run_dir = Path(job["run_dir"])
-    latest = ckpt.latest_checkpoint(run_dir)
-    step = None if latest is None else ckpt.checkpoint_step(latest)
+    command, run_dir = job["command"], Path(job["run_dir"])
+    step = saved_step(command, run_dir)
     if step == job["total_steps"]:
         return {"status": "skipped"}
-    command = job["command"]
-    if step is None:
-        argv = [command, "--config", job["preset"], *job["overrides"]]
-    else:
-        argv = [command, "--resume", str(run_dir), *job["resume_overrides"]]
+    argv = job["start"] if step is None else job["resume"]
     run_dir.mkdir(parents=True, exist_ok=True)
     attempt = 1 + sum(
         e["event"] in ("start", "resume") and e.get("sweep") == job["sweep_id"] for e in read_events(run_dir)
@@ -490,8 +523,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     finally:
         (run_dir / PID_FILE).unlink(missing_ok=True)
         _append_event(run_dir, {"event": "exit", "code": code, "cancelled": cancelled, **event, "time": time.time()})
-    latest = ckpt.latest_checkpoint(run_dir)
-    reached = 0 if latest is None else ckpt.checkpoint_step(latest)
+    reached = saved_step(command, run_dir) or 0
     if code == 0 and reached == job["total_steps"]:
         return {"status": "finished"}
     where = f"see {run_dir / TRAIN_LOG}"
@@ -646,19 +678,16 @@ class Monitor:
             self.log.error("[%s] failed: %s", name, error)
 
     def rows(self) -> list[dict[str, Any]]:
-        from mtrl import checkpoint as ckpt
-
         rows = []
         for tr in self.tracked.values():
             t = tr.trial
-            latest = ckpt.latest_checkpoint(t.run_dir)
             m = tr.metrics.update()
             rows.append(
                 {
                     "trial": t.name,
                     "status": tr.status,
                     "attempts": tr.attempts,
-                    "steps": 0 if latest is None else ckpt.checkpoint_step(latest),
+                    "steps": saved_step(t.command, t.run_dir) or 0,
                     "total_steps": t.total_steps,
                     "final_success": m.final_success,
                     "best_success": m.best_success,
@@ -714,10 +743,9 @@ def write_summary(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
 def _job(spec: SweepSpec, trial: Trial, sweep_id: str) -> dict[str, Any]:
     return {
         "run_dir": str(trial.run_dir),
-        "command": spec.command,
-        "preset": str(trial.preset),
-        "overrides": trial.overrides,
-        "resume_overrides": trial.resume_overrides(),
+        "command": trial.command,
+        "start": trial.start_argv(),
+        "resume": trial.resume_argv(),
         "total_steps": trial.total_steps,
         "sweep_id": sweep_id,
         "num_gpus": spec.resources.num_gpus,
@@ -807,12 +835,12 @@ def execute(spec: SweepSpec, trials: list[Trial], monitor: Monitor, status_every
             signal.signal(s, handler)
 
 
-def _plan_line(trial: Trial, step: int | None, command: str) -> str:
+def _plan_line(trial: Trial, step: int | None) -> str:
     if step == trial.total_steps:
         return f"{trial.name}: finished (step {step}), skipped"
     if step is not None:
-        return f"{trial.name}: resume from step {step}: mtrl {command} --resume {trial.run_dir}"
-    return f"{trial.name}: start: mtrl {command} --config {trial.preset} {' '.join(trial.overrides)}"
+        return f"{trial.name}: resume from step {step}: mtrl {' '.join(trial.resume_argv())}"
+    return f"{trial.name}: start: mtrl {' '.join(trial.start_argv())}"
 
 
 def run_sweep(
@@ -832,7 +860,7 @@ def run_sweep(
     todo = [t for t in trials if progress[t.name] != t.total_steps]
     if dry_run:
         for t in trials:
-            print(_plan_line(t, progress[t.name], spec.command))
+            print(_plan_line(t, progress[t.name]))
         return 0
     resuming = sum(progress[t.name] is not None for t in todo)
     log.info(
@@ -846,7 +874,8 @@ def run_sweep(
         resuming,
         len(todo) - resuming,
     )
-    monitor = Monitor(trials, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", spec.max_retries)
+    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    monitor = Monitor(trials, sweep_id, spec.max_retries)
     for t in done:
         monitor.tracked[t.name].status = "skipped"
     if todo:

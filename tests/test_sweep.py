@@ -229,10 +229,14 @@ def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys,
     ]
     # A longer train.total_steps extends the finished trial: it resumes.
     assert dry_run(overrides={"train.total_steps": 60})[0] == (
-        f"toy-agent.tau=0.005-s0: resume from step 40: mtrl train --resume {done.run_dir}"
+        f"toy-agent.tau=0.005-s0: resume from step 40: mtrl train --resume {done.run_dir} "
+        "train.total_steps=60 train.torch_threads=1 log.progress=false"
     )
     (done.run_dir / "checkpoints" / "step_0000000040.pt").unlink()
-    assert dry_run()[0] == f"toy-agent.tau=0.005-s0: resume from step 20: mtrl train --resume {done.run_dir}"
+    assert dry_run()[0] == (
+        f"toy-agent.tau=0.005-s0: resume from step 20: mtrl train --resume {done.run_dir} "
+        "train.total_steps=40 train.torch_threads=1 log.progress=false"
+    )
 
     # A run directory holding another experiment is never adopted.
     write_spec(path, presets=[str(preset)], grid=grid, overrides={"agent.gamma": 0.9})
@@ -244,6 +248,30 @@ def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys,
     write_spec(path, presets=[str(preset)], grid=grid, overrides={"train.total_steps": 10})
     assert main(["sweep", str(path)]) == 2
     assert "is at step 20, beyond train.total_steps=10" in capsys.readouterr().err
+    write_spec(path, presets=[str(preset)], grid=grid, command="baseline")
+    if sweep.COMMANDS_AVAILABLE["baseline"]:
+        assert main(["sweep", str(path)]) == 2
+        assert "is not the config of an `mtrl baseline` run" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sweep.COMMANDS_AVAILABLE["baseline"], reason="this mtrl has no `mtrl baseline`")
+def test_a_baseline_sweep_skips_finished_baseline_runs(tmp_path, capsys, console):
+    preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
+    path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)], seeds=[0, 1], command="baseline")
+    done, fresh = sweep.expand(sweep.load_spec(path))
+    assert main(done.start_argv()) == 0
+    assert sweep.run_progress(done) == 40 and sweep.run_progress(fresh) is None
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "toy-s0: finished (step 40), skipped",
+        f"toy-s1: start: mtrl baseline --config {preset} seed=1 run.dir={fresh.run_dir} log.progress=false "
+        "train.torch_threads=1",
+    ]
+    # A train sweep over the same directories does not mistake the baseline run for one of its own.
+    write_spec(path, presets=[str(preset)], seeds=[0, 1])
+    assert main(["sweep", str(path)]) == 2
+    assert "is not the config of an `mtrl train` run" in capsys.readouterr().err
 
 
 def test_metrics_tail_reads_appends_and_follows_a_rewrite(tmp_path):
