@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -40,8 +39,6 @@ import yaml
 from mtrl.config import Config, ConfigError
 
 COMMANDS = ("train", "baseline")
-# `mtrl baseline` is an optional module: a sweep of it needs an installation that has it.
-COMMANDS_AVAILABLE = {c: c == "train" or importlib.util.find_spec(f"mtrl.{c}") is not None for c in COMMANDS}
 SPEC_KEYS = ("name", "root", "command", "presets", "overrides", "grid", "seeds", "resources", "max_retries")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 # Set by the sweep for every trial: the seed from `seeds`, the run directory from `root`.
@@ -261,8 +258,6 @@ def load_spec(path: str | Path) -> SweepSpec:
     command = data.get("command", "train")
     if command not in COMMANDS:
         raise _spec_error(source, "command", f"must be one of {', '.join(COMMANDS)}; found {command!r}")
-    if not COMMANDS_AVAILABLE[command]:
-        raise _spec_error(source, "command", f"this installation of mtrl has no `mtrl {command}`")
 
     presets = data["presets"]
     if not isinstance(presets, list) or not presets or not all(isinstance(p, str) and p for p in presets):
@@ -426,14 +421,16 @@ def _saved_config(command: str, run_dir: Path) -> Config:
 
 def run_progress(trial: Trial) -> int | None:
     """The step the trial's run can resume from (None: nothing to resume), after checking it is this trial's run."""
-    step = saved_step(trial.command, trial.run_dir)
-    if step is None:
-        return None
     where = f"trial {trial.name}: {trial.run_dir}"
+    step = saved_step(trial.command, trial.run_dir)
+    if step is None and not (trial.run_dir / "config.yaml").is_file():
+        return None
     try:
         saved = _saved_config(trial.command, trial.run_dir)
     except ConfigError as err:
-        raise ConfigError(f"{where} holds checkpoints but no usable config: {err}") from None
+        raise ConfigError(f"{where} holds another run: {err}; move it away or change root") from None
+    if step is None:  # started, but killed before its first checkpoint: it starts again
+        return None
     diff = _differences(saved, trial.config)
     if diff:
         more = f" (and {len(diff) - 2} more)" if len(diff) > 2 else ""
@@ -622,6 +619,7 @@ class Monitor:
         self.log = log
         self.sweep_id, self.max_retries = sweep_id, max_retries
         self.tracked = {t.name: _Tracked(t) for t in trials}
+        self.stopped_by: signal.Signals | None = None  # the signal that stopped the sweep
 
     def poll(self) -> None:
         for tr in self.tracked.values():
@@ -771,7 +769,7 @@ def _check_cluster(spec: SweepSpec, local: bool) -> None:
     log.warning("%s; trials wait until the cluster grows", message)
 
 
-def _stop(pending: dict[Any, Trial], signals: list[str]) -> None:
+def _stop(pending: dict[Any, Trial], signals: list[signal.Signals]) -> None:
     """Cancel the unfinished trials; the running ones stop their training process with SIGTERM, which saves a
     checkpoint. Waits for that (the summary then shows it), unless a second signal asks to kill them at once."""
     import ray
@@ -781,7 +779,7 @@ def _stop(pending: dict[Any, Trial], signals: list[str]) -> None:
     log.warning(
         "%s: stopping %d unfinished trials, each saving a checkpoint (again to kill them at once); run the sweep "
         "again to resume them",
-        signals[0],
+        signals[0].name,
         len(pending),
     )
     for ref in pending:
@@ -807,8 +805,8 @@ def execute(spec: SweepSpec, trials: list[Trial], monitor: Monitor, status_every
     pending = {task.options(name=f"mtrl-{t.name}").remote(_job(spec, t, monitor.sweep_id)): t for t in trials}
     next_status = time.monotonic() + status_every
     # A signal only sets a flag: raising inside ray.wait (compiled code) would corrupt the call.
-    stop: list[str] = []
-    previous = {s: signal.signal(s, lambda signum, _: stop.append(signal.Signals(signum).name)) for s in STOP_SIGNALS}
+    stop: list[signal.Signals] = []
+    previous = {s: signal.signal(s, lambda signum, _: stop.append(signal.Signals(signum))) for s in STOP_SIGNALS}
     try:
         while pending and not stop:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_POLL_SECONDS)
@@ -826,6 +824,7 @@ def execute(spec: SweepSpec, trials: list[Trial], monitor: Monitor, status_every
                 monitor.status()
                 next_status = time.monotonic() + status_every
         if stop:
+            monitor.stopped_by = stop[0]
             _stop(pending, stop)
             monitor.poll()
             for trial in pending.values():
@@ -851,7 +850,10 @@ def run_sweep(
     status_every: float = 60.0,
     dry_run: bool = False,
 ) -> int:
-    """Check every trial, then run the unfinished ones on Ray; 0 if all finished, 1 if one failed, 130 if stopped."""
+    """Check every trial, then run the unfinished ones on Ray.
+
+    Returns 0 when every trial is finished, 1 when one failed, 128 + the signal when a signal stopped the sweep.
+    """
     from mtrl.logger import log
 
     trials = expand(spec)
@@ -887,7 +889,10 @@ def run_sweep(
         if address is None:
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
         else:
-            ray.init(address=address, **quiet)
+            try:
+                ray.init(address=address, **quiet)
+            except ConnectionError as err:
+                raise ConfigError(f"--address {address}: {str(err).splitlines()[0]}") from None
         try:
             execute(spec, todo, monitor, status_every, local=address is None)
         finally:
@@ -895,10 +900,9 @@ def run_sweep(
     rows = monitor.rows()
     print(write_summary(spec, rows), end="")
     log.info("summary: %s", spec.root / SUMMARY_MD)
-    statuses = {r["status"] for r in rows}
-    if "interrupted" in statuses:
-        return 128 + signal.SIGINT
-    return 1 if "failed" in statuses else 0
+    if monitor.stopped_by is not None:
+        return 128 + monitor.stopped_by
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 # ----- command line ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -128,6 +129,18 @@ def test_relative_paths_are_relative_to_the_current_directory(tmp_path, monkeypa
     assert trial.run_dir == tmp_path / "runs" / "s" / "toy-s7" and trial.preset == tmp_path / "toy.yaml"
 
 
+@pytest.mark.parametrize("name", ["mt10_methods", "smoke"])
+def test_example_specs_expand(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # their paths are relative to the repository root
+    spec = sweep.load_spec(REPO / "configs" / "sweeps" / f"{name}.yaml")
+    trials = sweep.expand(spec)
+    assert len(trials) == len(spec.presets) * math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds)
+    assert len({t.run_dir for t in trials}) == len(trials)
+    if name == "mt10_methods":
+        assert len(trials) == 30 and trials[0].name == "mt10_mtsac-s0"
+        assert {t.config.env.benchmark for t in trials} == {"MT10"}
+
+
 def test_trial_names_are_file_name_safe_and_bounded():
     point = {"env.tasks": ["reach-v3", "push/v3"], "x.note": "a b", "agent.target_entropy": None, "y.on": True}
     name = sweep.trial_name("p", point, 0)
@@ -208,6 +221,16 @@ def test_local_ray_flags_do_not_go_with_an_address(tmp_path, capsys):
     )
 
 
+def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, capsys, console):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    write_preset(tmp_path / "toy.yaml")
+    path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")])
+    assert main(["sweep", str(path), "--address", "auto"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("mtrl: error: --address auto: Could not find any running Ray instance")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys, console):
     # Over before learning starts (warm-up is 40 steps): seconds.
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
@@ -249,12 +272,13 @@ def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys,
     assert main(["sweep", str(path)]) == 2
     assert "is at step 20, beyond train.total_steps=10" in capsys.readouterr().err
     write_spec(path, presets=[str(preset)], grid=grid, command="baseline")
-    if sweep.COMMANDS_AVAILABLE["baseline"]:
-        assert main(["sweep", str(path)]) == 2
-        assert "is not the config of an `mtrl baseline` run" in capsys.readouterr().err
+    assert main(["sweep", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"mtrl: error: trial toy-agent.tau=0.005-s0: {done.run_dir} holds another run: "
+        f"{done.run_dir / 'config.yaml'} is not the config of an `mtrl baseline` run; move it away or change root\n"
+    )
 
 
-@pytest.mark.skipif(not sweep.COMMANDS_AVAILABLE["baseline"], reason="this mtrl has no `mtrl baseline`")
 def test_a_baseline_sweep_skips_finished_baseline_runs(tmp_path, capsys, console):
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)], seeds=[0, 1], command="baseline")
