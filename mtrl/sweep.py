@@ -74,7 +74,7 @@ The spec (YAML; relative paths are relative to the current directory):
   max_retries: 2                     # a failed trial resumes from its last checkpoint up to this often
 
 Re-running a sweep skips finished trials and resumes the others. ROOT/summary.md and
-ROOT/summary.json hold the final table.
+ROOT/summary.json hold the final table. More in docs/sweep.md.
 """
 
 
@@ -761,8 +761,8 @@ def _check_cluster(spec: SweepSpec, local: bool) -> None:
     if need.num_cpus <= cpus and need.num_gpus <= gpus:
         return
     message = (
-        f"resources: a trial needs {need.num_cpus:g} CPUs and {need.num_gpus:g} GPUs, the Ray cluster has "
-        f"{cpus:g} CPUs and {gpus:g} GPUs"
+        f"resources: a trial needs num_cpus={need.num_cpus:g} and num_gpus={need.num_gpus:g}, the Ray cluster has "
+        f"CPU {cpus:g} and GPU {gpus:g}"
     )
     if local:
         raise ConfigError(f"{message}; lower resources in the spec or pass --num-cpus / --num-gpus")

@@ -61,9 +61,12 @@ def write_spec(path: Path, **fields) -> Path:
     return path
 
 
-@pytest.fixture
-def console(monkeypatch):
-    """Log records of `main` go to this test's captured stderr."""
+def log_to_capsys(monkeypatch) -> None:
+    """Send `main`'s log records to this test's captured stderr.
+
+    Called in the test body: pytest attaches its own log capture to the package's logger when each
+    test phase starts, and `setup_console` adds its stream handler only to a logger without any.
+    """
     monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
 
 
@@ -221,7 +224,8 @@ def test_local_ray_flags_do_not_go_with_an_address(tmp_path, capsys):
     )
 
 
-def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, capsys, console):
+def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, capsys):
+    log_to_capsys(monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     write_preset(tmp_path / "toy.yaml")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")])
@@ -231,7 +235,8 @@ def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, 
     assert not (tmp_path / "sweep").exists()
 
 
-def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys, console):
+def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys, monkeypatch):
+    log_to_capsys(monkeypatch)
     # Over before learning starts (warm-up is 40 steps): seconds.
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     grid = {"agent.tau": [0.005, 0.01]}
@@ -279,7 +284,8 @@ def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys,
     )
 
 
-def test_a_baseline_sweep_skips_finished_baseline_runs(tmp_path, capsys, console):
+def test_a_baseline_sweep_skips_finished_baseline_runs(tmp_path, capsys, monkeypatch):
+    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)], seeds=[0, 1], command="baseline")
     done, fresh = sweep.expand(sweep.load_spec(path))
@@ -376,7 +382,8 @@ TOTAL = 120  # toy episodes are 20 steps; checkpoints every 40 fall on episode b
 TRAIN_STEPS, EVAL_STEPS = list(range(20, TOTAL + 1, 20)), [60, 120]
 
 
-def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, console, monkeypatch, reaped):
+def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, monkeypatch, reaped):
+    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", f"train.total_steps={TOTAL}", "checkpoint.every=40", "eval.every=60")
     spec_path = write_spec(
         tmp_path / "spec.yaml",
@@ -501,3 +508,16 @@ def test_ctrl_c_checkpoints_the_running_trials_and_a_rerun_resumes_them(tmp_path
     assert rerun.returncode == 0, rerun.stderr
     assert f"[{trial.name}] resumed from step {stopped} (attempt 1" in rerun.stderr
     assert _steps(trial.run_dir) == (list(range(20, 1001, 20)), [500, 1000])
+
+
+@pytest.mark.slow
+def test_a_trial_larger_than_the_local_ray_fails_at_the_start(tmp_path, capsys, reaped, monkeypatch):
+    log_to_capsys(monkeypatch)
+    write_preset(tmp_path / "toy.yaml")
+    path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")], resources={"num_gpus": 1})
+    assert main(["sweep", str(path), "--num-cpus", "1", "--num-gpus", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "mtrl: error: resources: a trial needs num_cpus=1 and num_gpus=1, the Ray cluster has CPU 1 and GPU 0; "
+        "lower resources in the spec or pass --num-cpus / --num-gpus"
+    )
+    assert not (tmp_path / "sweep").exists()
