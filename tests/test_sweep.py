@@ -351,10 +351,19 @@ class Killer(threading.Thread):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     return  # it ended by itself: the test's checks say so
-                with contextlib.suppress(psutil.NoSuchProcess):  # gone before its checkpoints are counted
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):  # gone before counting
                     psutil.Process(pid).wait(10)
                 self.kills.append((pid, ckpt.checkpoint_step(ckpt.latest_checkpoint(self.run_dir))))
             time.sleep(0.005)
+
+
+def _alive_children() -> list[psutil.Process]:
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
 
 
 @pytest.fixture
@@ -362,11 +371,9 @@ def reaped():
     """Every process the test starts (Ray's included) is gone at the end."""
     yield
     deadline = time.monotonic() + 20
-    while (left := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]) and (
-        time.monotonic() < deadline
-    ):
+    while (left := _alive_children()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not left, [" ".join(p.cmdline()[:3]) for p in left]
+    assert not left, [proc.pid for proc in left]
 
 
 def _steps(run_dir: Path) -> tuple[list[int], list[int]]:
