@@ -31,6 +31,7 @@ class TestNashMTL(CombinerProperties):
     name = "nashmtl"
     scale_power = 0
     stateful = True
+    accuracy = ACCURACY
 
     def expected_for_identical_rows(self, row, k):
         # α_i = 1/(√K‖g‖) solves α_i(Aα)_i = 1 when A = ‖g‖²11ᵀ, so d = Kα_i·g = √K·g/‖g‖.
