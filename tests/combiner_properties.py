@@ -119,17 +119,20 @@ class SimplexObjective:
         assert gap <= tolerance, f"Frank-Wolfe gap {gap:.3g} > {tolerance:g}: not the minimiser"
 
 
-def simplex_minimiser(objective: SimplexObjective) -> np.ndarray:
+def simplex_minimiser(objective: SimplexObjective, start: np.ndarray | None = None) -> np.ndarray:
     """argmin_{w∈Δ} f(w) in float64, to float64 precision (KKT-checked).
 
     cvxpy's solution (~1e-7 accurate) gives a first guess of the face {w_i > 0}; on a face F the
     minimiser solves ∇f(w)_F = ν1, Σw_F = 1, which Newton's method solves to rounding. Weights a
     little above 0 can hide in cvxpy's error, so the face is corrected as in an active-set method:
-    a task whose ∂f/∂w_i is below ν joins it, one whose weight turns negative leaves it."""
+    a task whose ∂f/∂w_i is below ν joins it, one whose weight turns negative leaves it. `start`: cvxpy's
+    solution when the caller already has it."""
     k = objective.linear.shape[0]
-    w = cp.Variable(k)
-    solve(cp.Problem(cp.Minimize(objective.cvxpy(w)), [w >= 0, cp.sum(w) == 1]))
-    start = np.clip(w.value, 0, None)
+    if start is None:
+        w = cp.Variable(k)
+        solve(cp.Problem(cp.Minimize(objective.cvxpy(w)), [w >= 0, cp.sum(w) == 1]))
+        start = w.value
+    start = np.clip(start, 0, None)
     face = start > 1e-6 * start.max()
     for _ in range(k):
         point = np.where(face, start, 0.0)
@@ -264,7 +267,7 @@ class CombinerProperties:
         d = self.combine(torch.stack([row, -row]))
         assert d.abs().max() <= 1e-9 * row.abs().max()
 
-    @pytest.mark.parametrize("k", [2, 5, 12])
+    @pytest.mark.parametrize("k", [2, 9])
     def test_weights_meet_the_methods_conditions(self, k):
         matrix = conflicting(k, 3 * k + 5, 8 + k)
         combiner = self.make()

@@ -92,7 +92,7 @@ def reference(g: np.ndarray, c: float) -> np.ndarray:
     solve(problem)
     if problem.value <= 1e-9 * np.abs(parallel).max():
         return g0
-    combined = orthogonal.T @ simplex_minimiser(objective)
+    combined = orthogonal.T @ simplex_minimiser(objective, start=v.value)
     return length * (c * axis + side * combined / np.linalg.norm(combined))
 
 
@@ -117,7 +117,14 @@ def test_update_matches_the_reference(k, c, seed):
     matrix = conflicting(k, 3 * k + 5, seed)
     expected = reference(as_numpy(matrix), c)
     assert_close(make_combiner("conicgrad", c=c)(matrix), torch.from_numpy(expected), rtol=SOLVER_ACCURACY)
-    # The reference's derivation, checked against cvxpy on the primal (which is only ~1e-6 accurate).
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+@pytest.mark.parametrize(("c", "seed"), [(0.5, 0), (0.9, 1), (0.2, 2)])
+def test_reference_agrees_with_cvxpy_on_the_primal(k, c, seed):
+    # The reference's derivation, checked against the primal as defined (cvxpy is only ~1e-6 accurate).
+    matrix = conflicting(k, 3 * k + 5, seed)
+    expected = reference(as_numpy(matrix), c)
     value, solved = primal(matrix, c)
     if value <= 1e-9:
         assert_close(torch.from_numpy(expected), matrix.mean(0), rtol=1e-15)
