@@ -38,7 +38,6 @@ KKT_TOLERANCE = 1e-12
 """Relative Frank–Wolfe gap below which a point counts as the minimiser of a program on the simplex
 (`SimplexObjective.assert_minimised_at`): rounding alone leaves a few 1e-15."""
 
-
 SOLVER_ACCURACY = 1e-12
 """Relative accuracy of the combiners' exact solvers, for comparisons with the references: their Newton
 polish ends at the minimiser to rounding (~1e-15 on the test matrices, whose A spans ~4 decades)."""
