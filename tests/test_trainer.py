@@ -84,6 +84,28 @@ def test_keep_last_n_and_best(tmp_path):
     assert best["counters"]["best_success"] == max(r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval")
 
 
+def test_time_limit_transitions_keep_the_true_final_observation(tmp_path):
+    """On the toy benchmark pos' = clip(pos + 0.1 clip(a), -1, 1): every stored next_obs must be the stepped state.
+
+    At a time limit the vector env has already reset; the buffer must hold the episode's true last
+    observation (`final_obs`), flagged truncated and not terminated, so that targets bootstrap through it.
+    """
+    ep_len, steps = 20, 60  # three episodes; updates (and policy actions) from step 40 on
+    trainer = _train(tmp_path / "run", f"env.max_episode_steps={ep_len}", f"train.total_steps={steps}", "eval.every=0")
+    stored = trainer.buffer.state_dict()
+    assert stored["size"] == steps
+    obs, action, next_obs = stored["obs"].numpy(), stored["action"].numpy(), stored["next_obs"].numpy()
+    stepped = np.clip(obs[..., :2] + 0.1 * np.clip(action, -1.0, 1.0), -1.0, 1.0)
+    np.testing.assert_allclose(next_obs[..., :2], stepped, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(next_obs[..., 2:], obs[..., 2:])  # same goal and task id within an episode
+    last = (np.arange(steps) + 1) % ep_len == 0
+    np.testing.assert_array_equal(stored["truncated"].numpy(), np.broadcast_to(last, (3, steps)).astype(np.float32))
+    assert not stored["terminated"].any()  # training envs never terminate: time limits are not terminal
+    # inside an episode the next observation is the next step's observation; after a time limit it is not
+    np.testing.assert_array_equal(next_obs[:, :-1][:, ~last[:-1]], obs[:, 1:][:, ~last[:-1]])
+    assert np.all(np.abs(obs[:, 1:][:, last[:-1], :2]) <= 0.1)  # the following step starts from a reset
+
+
 def test_tampered_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
 
