@@ -11,6 +11,7 @@ import torch
 from mtrl import checkpoint as ckpt
 from mtrl import load_policy
 from mtrl.cli import main
+from mtrl.evaluation import EvalResult
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
@@ -49,6 +50,34 @@ def test_resume_continues_step_count_and_metrics_exactly(tmp_path):
     assert resumed.train() == 0
     assert resumed.counters.env_steps == 200
     assert _metrics(split) == _metrics(tmp_path / "straight")  # no gap, no duplicate, same numbers
+
+
+def test_resume_restores_a_stateful_combiner_exactly(tmp_path):
+    """Nash-MTL warm-starts each solve from the previous update's solution: a resumed run must too.
+
+    Checkpoints fall on episode boundaries and `log.every` is the episode length: train records then
+    hold only the episode that just ended (the running episode's statistics are not checkpointed).
+    """
+    overrides = ["combiner.name=nashmtl", "checkpoint.save_buffer=true", "train.warmup_steps=20"]
+    overrides += ["train.total_steps=80", "checkpoint.every=40", "eval.every=40", "log.every=20"]
+    straight = _train(tmp_path / "straight", *overrides)
+    split = tmp_path / "split"
+    _train(split, *overrides, "train.total_steps=40")
+    at_split = ckpt.load(split)
+    assert at_split["counters"]["env_steps"] == 40 and at_split["combiner"]  # the warm start is saved
+    resumed = Trainer(toy_config(split, *overrides), split, resume=True)
+    # Its solves converge from a cold start too, so the metrics alone would not show a lost warm start.
+    restored = resumed.combiner.state_dict()
+    assert restored.keys() == at_split["combiner"].keys()
+    assert all(torch.equal(restored[k], v) for k, v in at_split["combiner"].items())
+    assert resumed.train() == 0
+    assert _metrics(split) == _metrics(tmp_path / "straight")
+    expected, found = ckpt.load(tmp_path / "straight"), ckpt.load(split)
+    for key in ("agent", "combiner"):
+        assert expected[key].keys() == found[key].keys()
+        for name, tensor in expected[key].items():
+            assert torch.equal(found[key][name], tensor), (key, name)
+    assert torch.equal(straight.combiner.state_dict()["warm_start"], resumed.combiner.state_dict()["warm_start"])
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
@@ -104,6 +133,60 @@ def test_time_limit_transitions_keep_the_true_final_observation(tmp_path):
     # inside an episode the next observation is the next step's observation; after a time limit it is not
     np.testing.assert_array_equal(next_obs[:, :-1][:, ~last[:-1]], obs[:, 1:][:, ~last[:-1]])
     assert np.all(np.abs(obs[:, 1:][:, last[:-1], :2]) <= 0.1)  # the following step starts from a reset
+
+
+def test_best_checkpoint_is_the_one_with_the_best_evaluation(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "checkpoint.every=20", "eval.every=40", "checkpoint.keep_last=100")
+    evals = {r["step"]: r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval"}
+    assert sorted(evals) == [40, 80, 120, 160, 200]
+    best = ckpt.load(run / "checkpoints" / "best.pt")
+    step = best["counters"]["env_steps"]
+    # a checkpoint between evaluations carries the success of the evaluation before it
+    success_at = {s: evals[max(e for e in evals if e <= s)] for s in range(40, 201, 20)}
+    assert success_at[step] == max(evals.values()) == best["counters"]["best_success"]
+    same_step = ckpt.load(run / "checkpoints" / f"step_{step:010d}.pt")
+    assert best["counters"] == same_step["counters"]
+    for name, tensor in same_step["agent"].items():
+        assert torch.equal(best["agent"][name], tensor), name
+
+
+def test_best_checkpoint_is_not_replaced_by_a_worse_one_even_after_a_resume(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(toy_config(run), run)
+    best_path = run / "checkpoints" / "best.pt"
+    weights: dict[int, dict] = {}
+    expected_best = None
+    # (step, mean eval success): no evaluation yet, then better, worse and better again
+    for step, success in [(10, None), (20, 0.2), (30, 0.5), (40, 0.3), (50, 0.6), (60, 0.1), (70, 0.4)]:
+        with torch.no_grad():  # every checkpoint gets weights of its own
+            for p in trainer.agent.parameters():
+                p.add_(1.0)
+        trainer.counters.env_steps = step
+        trainer.last_eval = None if success is None else EvalResult(success, 0.0, {})
+        trainer.save_checkpoint()
+        weights[step] = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
+        if success is not None and (expected_best is None or success > expected_best[1]):
+            expected_best = (step, success)
+        if expected_best is None:
+            assert not best_path.exists()
+            continue
+        best = ckpt.load(best_path)
+        assert best["counters"]["env_steps"] == expected_best[0], step
+        assert best["counters"]["best_success"] == expected_best[1]
+        assert all(torch.equal(best["agent"][k], v) for k, v in weights[expected_best[0]].items())
+    assert expected_best == (50, 0.6)
+
+    resumed = Trainer(toy_config(run), run, resume=True)
+    assert resumed.counters.best_success == 0.6
+    resumed.counters.env_steps = 80
+    resumed.last_eval = EvalResult(0.5, 0.0, {})
+    resumed.save_checkpoint()
+    assert ckpt.load(best_path)["counters"]["env_steps"] == 50
+    resumed.counters.env_steps = 90
+    resumed.last_eval = EvalResult(0.7, 0.0, {})
+    resumed.save_checkpoint()
+    assert ckpt.load(best_path)["counters"]["env_steps"] == 90
 
 
 def test_tampered_pickle_is_refused_without_running_it(tmp_path):
