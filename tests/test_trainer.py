@@ -29,19 +29,23 @@ def _train(run_dir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
-def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
-    _train(tmp_path / "a")
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Trainer:
+    """One finished run of the default toy config, shared by the tests that only read it."""
+    return _train(tmp_path_factory.mktemp("default") / "run")
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path, default_run):
     _train(tmp_path / "b")
     _train(tmp_path / "c", "seed=1")
-    a, b, c = _metrics(tmp_path / "a"), _metrics(tmp_path / "b"), _metrics(tmp_path / "c")
+    a, b, c = _metrics(default_run.run_dir), _metrics(tmp_path / "b"), _metrics(tmp_path / "c")
     assert [r["step"] for r in a if r["kind"] == "train"] == list(range(20, 201, 20))
     assert [r["step"] for r in a if r["kind"] == "eval"] == [100, 200]
     assert a == b
     assert a != c
 
 
-def test_resume_continues_step_count_and_metrics_exactly(tmp_path):
-    _train(tmp_path / "straight", "checkpoint.save_buffer=true")
+def test_resume_continues_step_count_and_metrics_exactly(tmp_path, default_run):
     split = tmp_path / "split"
     _train(split, "checkpoint.save_buffer=true", "train.total_steps=100")
     assert ckpt.latest_checkpoint(split).name == "step_0000000100.pt"
@@ -49,7 +53,8 @@ def test_resume_continues_step_count_and_metrics_exactly(tmp_path):
     assert resumed.counters.env_steps == 100
     assert resumed.train() == 0
     assert resumed.counters.env_steps == 200
-    assert _metrics(split) == _metrics(tmp_path / "straight")  # no gap, no duplicate, same numbers
+    # the uninterrupted run: saving the buffer in checkpoints changes no number
+    assert _metrics(split) == _metrics(default_run.run_dir)  # no gap, no duplicate, same numbers
 
 
 def test_resume_restores_a_stateful_combiner_exactly(tmp_path):
@@ -113,15 +118,15 @@ def test_keep_last_n_and_best(tmp_path):
     assert best["counters"]["best_success"] == max(r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval")
 
 
-def test_time_limit_transitions_keep_the_true_final_observation(tmp_path):
+def test_time_limit_transitions_keep_the_true_final_observation(default_run):
     """On the toy benchmark pos' = clip(pos + 0.1 clip(a), -1, 1): every stored next_obs must be the stepped state.
 
     At a time limit the vector env has already reset; the buffer must hold the episode's true last
     observation (`final_obs`), flagged truncated and not terminated, so that targets bootstrap through it.
     """
-    ep_len, steps = 20, 60  # three episodes; updates (and policy actions) from step 40 on
-    trainer = _train(tmp_path / "run", f"env.max_episode_steps={ep_len}", f"train.total_steps={steps}", "eval.every=0")
-    stored = trainer.buffer.state_dict()
+    ep_len, steps = 20, 200  # ten episodes; updates (and policy actions) from step 40 on
+    assert (default_run.cfg.env.max_episode_steps, default_run.cfg.train.total_steps) == (ep_len, steps)
+    stored = default_run.buffer.state_dict()
     assert stored["size"] == steps
     obs, action, next_obs = stored["obs"].numpy(), stored["action"].numpy(), stored["next_obs"].numpy()
     stepped = np.clip(obs[..., :2] + 0.1 * np.clip(action, -1.0, 1.0), -1.0, 1.0)
@@ -207,10 +212,9 @@ def test_tampered_pickle_is_refused_without_running_it(tmp_path):
         ckpt.load(raw)
 
 
-def test_cli_eval_prints_the_json_contract(tmp_path, capsys):
-    _train(tmp_path / "run")
+def test_cli_eval_prints_the_json_contract(default_run, capsys):
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--episodes", "3", "--json"]) == 0
+    assert main(["eval", str(default_run.run_dir), "--episodes", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"mean_success", "mean_return", "per_task"}
     assert set(out["per_task"]) == {"toy-0", "toy-1", "toy-2"}
