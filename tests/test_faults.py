@@ -95,11 +95,12 @@ def _instrumented_main(argv: list[str]) -> int:
         return wrapper
 
     import mtrl.checkpoint
+    import mtrl.evaluation
     import mtrl.sac
     import mtrl.trainer
 
     mtrl.sac.MTSAC.update = mark(UPDATE, mtrl.sac.MTSAC.update)
-    mtrl.trainer.evaluate = mark(EVAL, mtrl.trainer.evaluate)
+    mtrl.evaluation.Evaluator.__call__ = mark(EVAL, mtrl.evaluation.Evaluator.__call__)
     mtrl.checkpoint.atomic_save = mark(WRITE, mtrl.checkpoint.atomic_save)
     mtrl.trainer.Trainer._restore = mark(RESTORE, mtrl.trainer.Trainer._restore)
     from mtrl.cli import main
