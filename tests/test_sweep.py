@@ -389,6 +389,7 @@ TOTAL = 120  # toy episodes are 20 steps; checkpoints every 40 fall on episode b
 TRAIN_STEPS, EVAL_STEPS = list(range(20, TOTAL + 1, 20)), [60, 120]
 
 
+@pytest.mark.slow  # a minute of local Ray on a quiet 2-core machine: .ci/run runs it after the default suite
 def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, monkeypatch, reaped):
     log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", f"train.total_steps={TOTAL}", "checkpoint.every=40", "eval.every=60")
