@@ -598,19 +598,10 @@ class BaselineRun:
         start = time.perf_counter()
         result = self.evaluator(PerTaskPolicies(self.models))
         self.last_eval = result.to_dict()
-        values = {
-            "eval/mean_success": result.mean_success,
-            "eval/mean_return": result.mean_return,
-            "eval/success": np.array([result.per_task[t]["success"] for t in self.tasks]),
-            "eval/return": np.array([result.per_task[t]["return"] for t in self.tasks]),
-            "perf/eval_seconds": time.perf_counter() - start,
-        }
+        values = {**result.metrics(self.tasks), "perf/eval_seconds": time.perf_counter() - start}
         self.logger.log(self.step, "eval", values)
         self.logger.flush()
-        tqdm.write(
-            f"step {self.step}: eval success {result.mean_success:.3f}, return {result.mean_return:.1f} "
-            f"({self.cfg.eval.episodes} episodes per task)"
-        )
+        tqdm.write(result.summary(self.step, self.cfg.eval.episodes))
 
     def _save(self) -> None:
         """Commit every task's files for `self.step` at once (see the module docstring)."""

@@ -151,6 +151,25 @@ def _one_line(err: Exception) -> str:
     return str(err).splitlines()[0]
 
 
+def read_yaml(path: Path, what: str, prefix: str = "") -> Any:
+    """The YAML document in `path` (a `what`, e.g. "config file"); every way of failing is one
+    `ConfigError` line, `prefix` coming before the path in read errors."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"malformed YAML in {prefix}{path}{where}: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {prefix}{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {prefix}{path}: {err.strerror or err}") from None
+
+
 def _check_sections(schema: DictConfig, layer: DictConfig) -> None:
     """A section (`train`, `agent`, ...) given a plain value: OmegaConf's merge error would not name it."""
     for key in layer:
@@ -167,21 +186,7 @@ def load_config(
     schema = OmegaConf.structured(Config)
     layers: list[DictConfig] = [] if base is None else [OmegaConf.create(base)]
     if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a directory, not a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"cannot read {path}: not UTF-8 text") from None
-        except OSError as err:
-            raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+        data = read_yaml(Path(path), "config file")
         if data is None:
             data = {}
         if not isinstance(data, dict):

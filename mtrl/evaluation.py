@@ -34,6 +34,22 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"mean_success": self.mean_success, "mean_return": self.mean_return, "per_task": self.per_task}
 
+    def metrics(self, task_names: list[str]) -> dict[str, float | np.ndarray]:
+        """The run-log record of an evaluation: means, and per-task vectors in `task_names` order."""
+        return {
+            "eval/mean_success": self.mean_success,
+            "eval/mean_return": self.mean_return,
+            "eval/success": np.array([self.per_task[t]["success"] for t in task_names]),
+            "eval/return": np.array([self.per_task[t]["return"] for t in task_names]),
+        }
+
+    def summary(self, step: int, episodes: int) -> str:
+        """The console line of an evaluation."""
+        return (
+            f"step {step}: eval success {self.mean_success:.3f}, return {self.mean_return:.1f} "
+            f"({episodes} episodes per task)"
+        )
+
 
 def reported(info: dict, key: str, num_envs: int) -> np.ndarray:
     """`info[key]` where the vector env reported it, False elsewhere."""

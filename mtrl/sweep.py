@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from mtrl.config import Config, ConfigError
+from mtrl.config import Config, ConfigError, read_yaml
 
 COMMANDS = ("train", "baseline")
 SPEC_KEYS = ("name", "root", "command", "presets", "overrides", "grid", "seeds", "resources", "max_retries")
@@ -148,23 +148,6 @@ def _spec_error(source: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"sweep spec {source}: {key}: {message}")
 
 
-def _read_yaml(path: Path) -> Any:
-    if path.is_dir():
-        raise ConfigError(f"sweep spec {path} is a directory, not a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"sweep spec not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"malformed YAML in sweep spec {path}{where}: {getattr(err, 'problem', err)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"cannot read sweep spec {path}: not UTF-8 text") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read sweep spec {path}: {err.strerror or err}") from None
-
-
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
@@ -240,7 +223,7 @@ def _resources(source: Path, data: Any) -> Resources:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; every problem is one ConfigError line naming the key."""
     source = Path(path)
-    data = _read_yaml(source)
+    data = read_yaml(source, "sweep spec", prefix="sweep spec ")
     if not isinstance(data, dict):
         raise ConfigError(f"sweep spec {source}: expected a mapping of {', '.join(SPEC_KEYS)}")
     for key in data:

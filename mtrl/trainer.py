@@ -381,20 +381,11 @@ class Trainer:
         self.last_eval = result
         for callback in self.callbacks:
             callback.on_eval(self, result)
-        values = {
-            "eval/mean_success": result.mean_success,
-            "eval/mean_return": result.mean_return,
-            "eval/success": np.array([result.per_task[t]["success"] for t in self.tasks]),
-            "eval/return": np.array([result.per_task[t]["return"] for t in self.tasks]),
-            "perf/eval_seconds": time.perf_counter() - start,
-        }
+        values = {**result.metrics(self.tasks), "perf/eval_seconds": time.perf_counter() - start}
         self.logger.log(c.env_steps, "eval", values)
         self.logger.flush()
         bar.set_postfix({"success": f"{result.mean_success:.2f}"}, refresh=False)
-        tqdm.write(
-            f"step {c.env_steps}: eval success {result.mean_success:.3f}, return {result.mean_return:.1f} "
-            f"({self.cfg.eval.episodes} episodes per task)"
-        )
+        tqdm.write(result.summary(c.env_steps, self.cfg.eval.episodes))
         return result
 
     def save_checkpoint(self) -> Path:
