@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,28 @@ def test_empty_buffer_and_capacity_mismatch_are_errors():
         buf.sample(1, torch.Generator(), torch.device("cpu"))
     with pytest.raises(ValueError, match="capacity"):
         MultiTaskReplayBuffer(2, 6, 3, 2, torch.device("cpu")).load_state_dict(buf.state_dict())
+
+
+def test_a_transition_missing_a_field_is_refused_rather_than_stored_misaligned():
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    with pytest.raises(ValueError):
+        buf.add(tuple(_transition(2, 0))[:-1])
+    assert (buf.size, buf.cursor) == (0, 0)
+
+
+@pytest.mark.parametrize("tasks,obs_dim", [(3, 3), (2, 4)], ids=["other task count", "other observation size"])
+def test_a_buffer_state_of_another_shape_is_refused_naming_the_field_and_both_shapes(tasks, obs_dim):
+    saved = MultiTaskReplayBuffer(tasks, 5, obs_dim, 2, torch.device("cpu"))
+    for step in range(3):
+        saved.add(_transition(tasks, step, obs_dim))
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    expected = f"buffer field 'obs' has shape ({tasks}, 3, {obs_dim}), expected (2, 5, 3)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        buf.load_state_dict(saved.state_dict())
+    assert (buf.size, buf.cursor) == (0, 0)
+
+
+def test_sampling_an_empty_buffer_says_so_in_one_clear_sentence():
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="^cannot sample from an empty replay buffer$"):
+        buf.sample(1, torch.Generator(), torch.device("cpu"))
