@@ -18,7 +18,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "sac": (["mtrl.sac.*"], ["tests/test_sac.py", "tests/test_jacobian.py"]),
     "jacobian": (["mtrl.jacobian.*"], ["tests/test_jacobian.py", "tests/test_sac.py"]),
     "evaluation": (["mtrl.evaluation.*"], ["tests/test_evaluation.py"]),
-    "checkpoint": (["mtrl.checkpoint.*"], ["tests/test_checkpoint.py", "tests/test_trainer.py"]),
+    "checkpoint": (["mtrl.checkpoint.*"], ["tests/test_checkpoint.py"]),
     # The run state of the trainer: what a checkpoint holds and how a resume restores it.
     "runstate": (
         ["mtrl.trainer.xǁTrainerǁstate__mutmut_*", "mtrl.trainer.xǁTrainerǁ_restore__mutmut_*"],

@@ -33,7 +33,8 @@ def test_step_files_are_listed_oldest_first_and_other_files_are_ignored(tmp_path
     d.mkdir()
     for name in ("step_0000000200.pt", "step_0000000100.pt", "best.pt", "step_100.pt", ".step_0000000300.pt.x.tmp"):
         (d / name).write_bytes(b"")
-    assert ckpt.step_checkpoints(tmp_path) == [d / "step_0000000100.pt", d / "step_0000000200.pt"]
+    (d / "step_0000000150.pt").write_bytes(b"")
+    assert ckpt.step_checkpoints(tmp_path) == [d / f"step_0000000{s}.pt" for s in (100, 150, 200)]
     assert ckpt.latest_checkpoint(tmp_path) == d / "step_0000000200.pt"
 
 
@@ -96,3 +97,43 @@ def test_truncated_checkpoint_names_the_parser_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ckpt.CheckpointError, match=r"corrupt or truncated file \(\w+Error\)$"):
         ckpt.load(path)
+
+
+class _SeesTheDirectory:
+    """Pickled mid-write: records what the checkpoint directory holds at that moment, then fails."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.seen = directory, None
+
+    def __reduce__(self):
+        self.seen = sorted(p.name for p in self.directory.iterdir())
+        raise RuntimeError("killed mid-write")
+
+
+def test_a_write_in_progress_is_a_hidden_temporary_next_to_its_target_that_cleanup_recognises(tmp_path):
+    d = tmp_path / "checkpoints"
+    probe = _SeesTheDirectory(d)
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        ckpt.atomic_save({"x": probe}, d / "step_0000000007.pt")
+    [temporary] = probe.seen
+    assert temporary.startswith(".step_0000000007.pt.") and temporary.endswith(".tmp")
+    assert list(d.iterdir()) == []
+    # the same name, left behind by a killed process, is what remove_partial_writes deletes
+    (d / temporary).write_bytes(b"half")
+    assert ckpt.remove_partial_writes(tmp_path) == 1 and list(d.iterdir()) == []
+
+
+def test_load_puts_tensors_where_asked(tmp_path):
+    ckpt.save(_state(2), tmp_path, step=2, keep_last=1, is_best=False)
+    assert ckpt.load(tmp_path, map_location="meta")["weights"].is_meta
+    assert ckpt.load(tmp_path)["weights"].device == torch.device("cpu")
+
+
+def test_an_unsafe_pickle_is_refused_with_the_first_line_of_torchs_reason(tmp_path):
+    path = _save(tmp_path / "code.pt", {"format": 1, "x": _Unsafe()})
+    with pytest.raises(Exception) as raw:
+        torch.load(path, weights_only=True)
+    reason = str(raw.value).strip().splitlines()[0]
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load(path)
+    assert str(err.value) == f"refused to load {path}: not a safe checkpoint ({reason})"
