@@ -112,3 +112,9 @@ def test_the_edges_of_the_hyper_parameter_ranges():
         torch.full((1, 10), -3.0, dtype=torch.float64)
     )
     assert torch.allclose(params[1], _params()[1] + 0.5)
+
+
+def test_a_plain_step_says_which_method_to_call():
+    with pytest.raises(RuntimeError) as err:
+        AdaTask(_params(), num_tasks=2).step()
+    assert str(err.value) == "AdaTask needs the per-task gradients: call step_tasks(task_grads)"
