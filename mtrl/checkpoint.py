@@ -14,9 +14,10 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
@@ -40,6 +41,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: the file-naming helpers below serve processes that never load a model
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -55,6 +58,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    import torch
+
     path = Path(path)
     if path.is_dir():
         latest = latest_checkpoint(path)
@@ -95,6 +100,14 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = step_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a periodic checkpoint was taken at, read from its name (no need to load it)."""
+    match = _STEP_RE.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a periodic checkpoint (step_<step>.pt)")
+    return int(match.group(1))
 
 
 def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int, is_best: bool) -> Path:

@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--device", default="cpu", help="torch device for the policy (default: cpu)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument(
+        "--video", type=Path, metavar="DIR", help="instead of evaluating, film evaluation episodes to DIR/<task>.mp4"
+    )
+    ev.add_argument("--video-episodes", type=int, default=1, metavar="N", help="episodes per video (default 1)")
+    ev.add_argument("--width", type=int, default=256, help="video width in pixels, even (default 256)")
+    ev.add_argument("--height", type=int, default=256, help="video height in pixels, even (default 256)")
+    ev.add_argument(
+        "--camera",
+        help="camera: Meta-World's corner (default), corner2, corner3, corner4, topview, behindGripper, gripperPOV; "
+        "the toy benchmark's topview",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks (see `mtrl bench update --help`)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -79,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
 
-    from mtrl import report
+    from mtrl import baseline, report, sweep
 
-    report.add_parser(sub)
+    for module in (baseline, report, sweep):  # each owns its subcommand's parser and body
+        module.add_parser(sub)
     return parser
 
 
@@ -133,6 +145,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = Policy(build_actor(state, device), device)
     cfg = config_from_dict(state["config"])
     seed = cfg.seed if args.seed is None else args.seed
+    if args.video is not None:
+        from mtrl import video
+
+        return video.run(args, policy, cfg, seed)
     envs = make_envs(cfg.env, seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
     evaluator = Evaluator(envs, task_names(cfg.env), args.episodes or cfg.eval.episodes)
     result = evaluator(policy)
@@ -160,9 +176,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_console()
-    from mtrl import report
+    from mtrl import baseline, report, sweep
 
-    commands = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "report": report.run}
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "bench": cmd_bench,
+        "baseline": baseline.run,
+        "report": report.run,
+        "sweep": sweep.run,
+    }
     try:
         return commands[args.command](args)
     except (ConfigError, CheckpointError, TrainingError) as err:

@@ -91,7 +91,9 @@ class TrainConfig:
     buffer_capacity: int = _f(1_000_000, "replay capacity in transitions, split equally over tasks")
     buffer_device: str = _f("auto", "auto (training device when it fits) | cpu | the training device")
     grad_clip_norm: float | None = _f(None, "clip each network's gradient to this norm (null = off)")
-    q_target_clip: float | None = _f(None, "clip critic targets to [-x, x] (null = off)")
+    q_target_clip: float | None = _f(
+        None, "clip critic targets to [-x, x]; null = off, as in the reference recipe (a valve for diverging critics)"
+    )
     max_bad_updates: int = _f(100, "stop the run after this many consecutive non-finite updates")
     torch_threads: int = _f(
         0, "CPU threads for torch; 0 = half the cores (leaves the rest to the envs: oversubscribed threads stall)"

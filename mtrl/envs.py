@@ -57,11 +57,21 @@ def task_names(cfg: EnvConfig) -> list[str]:
     return list(getattr(env_dict, f"{cfg.benchmark}_V3"))
 
 
-def make_envs(cfg: EnvConfig, seed: int, evaluation: bool, vector_strategy: str | None = None) -> gym.vector.VectorEnv:
-    """Training envs (`evaluation=False`) or protocol evaluation envs (`evaluation=True`)."""
+def make_envs(
+    cfg: EnvConfig,
+    seed: int,
+    evaluation: bool,
+    vector_strategy: str | None = None,
+    render: dict[str, Any] | None = None,
+) -> gym.vector.VectorEnv:
+    """Training envs (`evaluation=False`) or protocol evaluation envs (`evaluation=True`).
+
+    `render` (`camera_name`, `width`, `height`) builds every sub-env with `render_mode="rgb_array"`.
+    """
     strategy = vector_strategy or cfg.vector_strategy
+    render_kwargs = {} if render is None else {"render_mode": "rgb_array", **render}
     if cfg.benchmark == "toy":
-        return _make_toy_envs(cfg, seed, evaluation, strategy)
+        return _make_toy_envs(cfg, seed, evaluation, strategy, render_kwargs)
     mw = _metaworld()
     # Meta-World keeps the number of goals per task in a module global that only the MT10/25/50
     # entry point sets; set it for every benchmark so that one preset cannot leak into the next.
@@ -73,6 +83,7 @@ def make_envs(cfg: EnvConfig, seed: int, evaluation: bool, vector_strategy: str 
         max_episode_steps=cfg.max_episode_steps,
         terminate_on_success=evaluation,
         task_select="pseudorandom" if evaluation else "random",
+        **render_kwargs,
     )
     if cfg.benchmark in ("MT10", "MT25", "MT50"):
         envs = gym.make_vec(f"Meta-World/{cfg.benchmark}", seed=seed, **kwargs)
@@ -135,12 +146,27 @@ class ToyReachEnv(gym.Env):
 
     No MuJoCo: a step costs microseconds, so unit tests and CI can train real agents on it.
     Mirrors the Meta-World surface the project relies on: `task_name`, `info["success"]`,
-    `toggle_terminate_on_success`, `toggle_sample_tasks_on_reset`, `get_checkpoint`.
+    `toggle_terminate_on_success`, `toggle_sample_tasks_on_reset`, `get_checkpoint`, and
+    `render_mode="rgb_array"` (a numpy drawing of the plane seen from its one camera, so that the
+    video path runs without any OpenGL backend).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    camera_names = ("topview",)
 
-    def __init__(self, task_id: int, num_tasks: int, num_goals: int, seed: int, evaluation: bool):
+    def __init__(
+        self,
+        task_id: int,
+        num_tasks: int,
+        num_goals: int,
+        seed: int,
+        evaluation: bool,
+        render_mode: str | None = None,
+        camera_name: str | None = None,
+        width: int = 64,
+        height: int = 64,
+    ):
+        self.render_mode, self.camera_name, self.width, self.height = render_mode, camera_name, width, height
         self.task_id, self.num_tasks = task_id, num_tasks
         self.task_name = f"{TOY_PREFIX}{task_id}"
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -191,6 +217,20 @@ class ToyReachEnv(gym.Env):
         terminated = bool(success) and self.terminate_on_success
         return self._obs(), reward, terminated, False, {"success": success}
 
+    def render(self) -> np.ndarray | None:
+        """The square [-1, 1]^2 filling the frame: the goal's success disc in green, the point in red."""
+        if self.render_mode != "rgb_array":
+            return None
+        x = (np.arange(self.width) + 0.5) / self.width * 2 - 1
+        y = 1 - (np.arange(self.height) + 0.5) / self.height * 2  # row 0 is the top of the plane
+        frame = np.full((self.height, self.width, 3), 255, np.uint8)
+        for center, radius, color in ((self.goal, 0.1, (40, 160, 60)), (self.pos, 0.05, (210, 30, 40))):
+            # at least one pixel wide, so the point stays visible in tiny frames
+            r = max(radius, 2.0 / min(self.width, self.height))
+            inside = (x[None, :] - center[0]) ** 2 + (y[:, None] - center[1]) ** 2 <= r**2
+            frame[inside] = color
+        return frame
+
     def get_checkpoint(self) -> tuple[str, dict]:
         return self.task_name, {
             "rng": self.np_random.bit_generator.state,
@@ -206,13 +246,15 @@ class ToyReachEnv(gym.Env):
         self.goal_order = np.asarray(ckpt["goal_order"])
 
 
-def _toy_env(task_id: int, cfg: EnvConfig, seed: int, evaluation: bool) -> gym.Env:
-    env = ToyReachEnv(task_id, cfg.toy_tasks, cfg.num_goals, seed, evaluation)
+def _toy_env(task_id: int, cfg: EnvConfig, seed: int, evaluation: bool, render: dict[str, Any]) -> gym.Env:
+    env = ToyReachEnv(task_id, cfg.toy_tasks, cfg.num_goals, seed, evaluation, **render)
     env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
     return gym.wrappers.RecordEpisodeStatistics(env)
 
 
-def _make_toy_envs(cfg: EnvConfig, seed: int, evaluation: bool, strategy: str) -> gym.vector.VectorEnv:
-    fns = [partial(_toy_env, i, cfg, seed, evaluation) for i in range(cfg.toy_tasks)]
+def _make_toy_envs(
+    cfg: EnvConfig, seed: int, evaluation: bool, strategy: str, render: dict[str, Any]
+) -> gym.vector.VectorEnv:
+    fns = [partial(_toy_env, i, cfg, seed, evaluation, render) for i in range(cfg.toy_tasks)]
     vector_cls = gym.vector.SyncVectorEnv if strategy == "sync" else gym.vector.AsyncVectorEnv
     return vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

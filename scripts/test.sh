@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs mtrl with its test extras into ./.venv, then runs ruff and the default test suite
+# Installs mtrl with its test extras into ./.venv, then runs ruff, hadolint and the default test suite
 # (toy-env unit tests plus a few real Meta-World tests; GPU tests skip without CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 .venv/bin/ruff check mtrl tests
+.venv/bin/hadolint Dockerfile
 .venv/bin/python -m pytest -m "not slow" "$@"

@@ -76,6 +76,24 @@ def test_empty_buffer_and_capacity_mismatch_are_errors():
         MultiTaskReplayBuffer(2, 6, 3, 2, torch.device("cpu")).load_state_dict(buf.state_dict())
 
 
+def test_every_task_draws_its_own_uniform_indices():
+    k, size, draws = 4, 50, 4000
+    buf = MultiTaskReplayBuffer(k, 64, 3, 2, torch.device("cpu"))
+    for step in range(size):
+        buf.add(_transition(k, step))
+    batch = buf.sample(draws, torch.Generator().manual_seed(3), torch.device("cpu"))
+    idx = (batch.obs[..., 0] - 100 * torch.arange(k).float()[:, None]).long()  # slot t of task i holds 100 i + t
+    assert torch.equal(batch.action[..., 0], torch.arange(k).float()[:, None].expand(k, draws))  # own task's rows
+    for i in range(k):
+        counts = torch.bincount(idx[i], minlength=size)
+        assert counts.numel() == size  # only filled slots
+        # uniform over the filled slots: 80 expected per slot, binomial s.d. about 9
+        assert counts.min() >= 45 and counts.max() <= 120, counts
+        for j in range(i):
+            # independent draws coincide in about 1/size of the positions; shared indices in all of them
+            assert (idx[i] == idx[j]).float().mean() < 0.05, (i, j)
+
+
 def test_a_transition_missing_a_field_is_refused_rather_than_stored_misaligned():
     buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
     with pytest.raises(ValueError):

@@ -1,5 +1,6 @@
-"""`mean`: plain averaging, the MT-SAC baseline (docs/combiners.md#mean)."""
+"""`mean`: plain averaging, the MT-SAC baseline."""
 
+import numpy as np
 import torch
 
 from mtrl.combiners import make_combiner
@@ -8,6 +9,9 @@ from tests.combiner_properties import CombinerProperties, conflicting
 
 class TestMean(CombinerProperties):
     name = "mean"
+
+    def check_weights(self, g, weights, seed):
+        assert np.array_equal(weights, np.full(g.shape[0], 1 / g.shape[0]))
 
 
 def test_needs_no_jacobian():

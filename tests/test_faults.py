@@ -53,7 +53,7 @@ OTHER, UPDATE, EVAL, WRITE, RESTORE = 0, 1, 2, 3, 4
 PHASE_NAMES = {OTHER: "other", UPDATE: "update", EVAL: "eval", WRITE: "checkpoint write", RESTORE: "restore"}
 PROBE_SIZE = 64
 
-TOTAL, LOG_EVERY, EVAL_EVERY, CKPT_EVERY, EPISODE = 320, 20, 80, 40, 20
+TOTAL, LOG_EVERY, EVAL_EVERY, CKPT_EVERY, EPISODE = 240, 20, 80, 40, 20
 CAMPAIGN_CONFIG = {
     "seed": 0,
     "device": "cpu",
@@ -316,7 +316,7 @@ def run_campaign(root: Path, reference: Reference, kills: int, seed: int) -> Cam
             elif kills_in_run == 0:
                 mode = "first write"  # the first checkpoint of a run: the next launch must start afresh
             else:
-                mode = ("update", "eval", "random", "write")[(kills_in_run - 1) % 4]
+                mode = ("write", "update", "eval", "random")[(kills_in_run - 1) % 4]
             proc = _launch(args, root, log, None if mode in ("random", "finish") else probe)
             if mode == "finish":
                 killed = False
@@ -391,7 +391,11 @@ def _campaign(tmp_path: Path, reference: Reference, kills_per_stream: int, seed:
 
 
 def test_sigkill_campaign_every_resume_continues_exactly(tmp_path, reference):
-    _campaign(tmp_path, reference, kills_per_stream=10, seed=0)
+    # Six kills per stream: the first checkpoint write (then a fresh start), a later write, an update,
+    # an evaluation, a random time and one more write. Only about one kill in two inside a write lands
+    # before the file is complete: six of them make a campaign without a mid-write kill unlikely.
+    # The slow campaign repeats them many times.
+    _campaign(tmp_path, reference, kills_per_stream=6, seed=0)
 
 
 @pytest.mark.slow

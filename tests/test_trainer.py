@@ -11,6 +11,7 @@ import torch
 from mtrl import checkpoint as ckpt
 from mtrl import load_policy
 from mtrl.cli import main
+from mtrl.evaluation import EvalResult
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
@@ -28,19 +29,23 @@ def _train(run_dir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
-def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
-    _train(tmp_path / "a")
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Trainer:
+    """One finished run of the default toy config, shared by the tests that only read it."""
+    return _train(tmp_path_factory.mktemp("default") / "run")
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path, default_run):
     _train(tmp_path / "b")
     _train(tmp_path / "c", "seed=1")
-    a, b, c = _metrics(tmp_path / "a"), _metrics(tmp_path / "b"), _metrics(tmp_path / "c")
+    a, b, c = _metrics(default_run.run_dir), _metrics(tmp_path / "b"), _metrics(tmp_path / "c")
     assert [r["step"] for r in a if r["kind"] == "train"] == list(range(20, 201, 20))
     assert [r["step"] for r in a if r["kind"] == "eval"] == [100, 200]
     assert a == b
     assert a != c
 
 
-def test_resume_continues_step_count_and_metrics_exactly(tmp_path):
-    _train(tmp_path / "straight", "checkpoint.save_buffer=true")
+def test_resume_continues_step_count_and_metrics_exactly(tmp_path, default_run):
     split = tmp_path / "split"
     _train(split, "checkpoint.save_buffer=true", "train.total_steps=100")
     assert ckpt.latest_checkpoint(split).name == "step_0000000100.pt"
@@ -48,7 +53,36 @@ def test_resume_continues_step_count_and_metrics_exactly(tmp_path):
     assert resumed.counters.env_steps == 100
     assert resumed.train() == 0
     assert resumed.counters.env_steps == 200
-    assert _metrics(split) == _metrics(tmp_path / "straight")  # no gap, no duplicate, same numbers
+    # the uninterrupted run: saving the buffer in checkpoints changes no number
+    assert _metrics(split) == _metrics(default_run.run_dir)  # no gap, no duplicate, same numbers
+
+
+def test_resume_restores_a_stateful_combiner_exactly(tmp_path):
+    """Nash-MTL warm-starts each solve from the previous update's solution: a resumed run must too.
+
+    Checkpoints fall on episode boundaries and `log.every` is the episode length: train records then
+    hold only the episode that just ended (the running episode's statistics are not checkpointed).
+    """
+    overrides = ["combiner.name=nashmtl", "checkpoint.save_buffer=true", "train.warmup_steps=20"]
+    overrides += ["train.total_steps=80", "checkpoint.every=40", "eval.every=40", "log.every=20"]
+    straight = _train(tmp_path / "straight", *overrides)
+    split = tmp_path / "split"
+    _train(split, *overrides, "train.total_steps=40")
+    at_split = ckpt.load(split)
+    assert at_split["counters"]["env_steps"] == 40 and at_split["combiner"]  # the warm start is saved
+    resumed = Trainer(toy_config(split, *overrides), split, resume=True)
+    # Its solves converge from a cold start too, so the metrics alone would not show a lost warm start.
+    restored = resumed.combiner.state_dict()
+    assert restored.keys() == at_split["combiner"].keys()
+    assert all(torch.equal(restored[k], v) for k, v in at_split["combiner"].items())
+    assert resumed.train() == 0
+    assert _metrics(split) == _metrics(tmp_path / "straight")
+    expected, found = ckpt.load(tmp_path / "straight"), ckpt.load(split)
+    for key in ("agent", "combiner"):
+        assert expected[key].keys() == found[key].keys()
+        for name, tensor in expected[key].items():
+            assert torch.equal(found[key][name], tensor), (key, name)
+    assert torch.equal(straight.combiner.state_dict()["warm_start"], resumed.combiner.state_dict()["warm_start"])
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
@@ -84,6 +118,82 @@ def test_keep_last_n_and_best(tmp_path):
     assert best["counters"]["best_success"] == max(r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval")
 
 
+def test_time_limit_transitions_keep_the_true_final_observation(default_run):
+    """On the toy benchmark pos' = clip(pos + 0.1 clip(a), -1, 1): every stored next_obs must be the stepped state.
+
+    At a time limit the vector env has already reset; the buffer must hold the episode's true last
+    observation (`final_obs`), flagged truncated and not terminated, so that targets bootstrap through it.
+    """
+    ep_len, steps = 20, 200  # ten episodes; updates (and policy actions) from step 40 on
+    assert (default_run.cfg.env.max_episode_steps, default_run.cfg.train.total_steps) == (ep_len, steps)
+    stored = default_run.buffer.state_dict()
+    assert stored["size"] == steps
+    obs, action, next_obs = stored["obs"].numpy(), stored["action"].numpy(), stored["next_obs"].numpy()
+    stepped = np.clip(obs[..., :2] + 0.1 * np.clip(action, -1.0, 1.0), -1.0, 1.0)
+    np.testing.assert_allclose(next_obs[..., :2], stepped, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(next_obs[..., 2:], obs[..., 2:])  # same goal and task id within an episode
+    last = (np.arange(steps) + 1) % ep_len == 0
+    np.testing.assert_array_equal(stored["truncated"].numpy(), np.broadcast_to(last, (3, steps)).astype(np.float32))
+    assert not stored["terminated"].any()  # training envs never terminate: time limits are not terminal
+    # inside an episode the next observation is the next step's observation; after a time limit it is not
+    np.testing.assert_array_equal(next_obs[:, :-1][:, ~last[:-1]], obs[:, 1:][:, ~last[:-1]])
+    assert np.all(np.abs(obs[:, 1:][:, last[:-1], :2]) <= 0.1)  # the following step starts from a reset
+
+
+def test_best_checkpoint_is_the_one_with_the_best_evaluation(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "checkpoint.every=20", "eval.every=40", "checkpoint.keep_last=100")
+    evals = {r["step"]: r["eval/mean_success"] for r in _metrics(run) if r["kind"] == "eval"}
+    assert sorted(evals) == [40, 80, 120, 160, 200]
+    best = ckpt.load(run / "checkpoints" / "best.pt")
+    step = best["counters"]["env_steps"]
+    # a checkpoint between evaluations carries the success of the evaluation before it
+    success_at = {s: evals[max(e for e in evals if e <= s)] for s in range(40, 201, 20)}
+    assert success_at[step] == max(evals.values()) == best["counters"]["best_success"]
+    same_step = ckpt.load(run / "checkpoints" / f"step_{step:010d}.pt")
+    assert best["counters"] == same_step["counters"]
+    for name, tensor in same_step["agent"].items():
+        assert torch.equal(best["agent"][name], tensor), name
+
+
+def test_best_checkpoint_is_not_replaced_by_a_worse_one_even_after_a_resume(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(toy_config(run), run)
+    best_path = run / "checkpoints" / "best.pt"
+    weights: dict[int, dict] = {}
+    expected_best = None
+    # (step, mean eval success): no evaluation yet, then better, worse and better again
+    for step, success in [(10, None), (20, 0.2), (30, 0.5), (40, 0.3), (50, 0.6), (60, 0.1), (70, 0.4)]:
+        with torch.no_grad():  # every checkpoint gets weights of its own
+            for p in trainer.agent.parameters():
+                p.add_(1.0)
+        trainer.counters.env_steps = step
+        trainer.last_eval = None if success is None else EvalResult(success, 0.0, {})
+        trainer.save_checkpoint()
+        weights[step] = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
+        if success is not None and (expected_best is None or success > expected_best[1]):
+            expected_best = (step, success)
+        if expected_best is None:
+            assert not best_path.exists()
+            continue
+        best = ckpt.load(best_path)
+        assert best["counters"]["env_steps"] == expected_best[0], step
+        assert best["counters"]["best_success"] == expected_best[1]
+        assert all(torch.equal(best["agent"][k], v) for k, v in weights[expected_best[0]].items())
+    assert expected_best == (50, 0.6)
+
+    resumed = Trainer(toy_config(run), run, resume=True)
+    assert resumed.counters.best_success == 0.6
+    resumed.counters.env_steps = 80
+    resumed.last_eval = EvalResult(0.5, 0.0, {})
+    resumed.save_checkpoint()
+    assert ckpt.load(best_path)["counters"]["env_steps"] == 50
+    resumed.counters.env_steps = 90
+    resumed.last_eval = EvalResult(0.7, 0.0, {})
+    resumed.save_checkpoint()
+    assert ckpt.load(best_path)["counters"]["env_steps"] == 90
+
+
 def test_tampered_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
 
@@ -102,10 +212,9 @@ def test_tampered_pickle_is_refused_without_running_it(tmp_path):
         ckpt.load(raw)
 
 
-def test_cli_eval_prints_the_json_contract(tmp_path, capsys):
-    _train(tmp_path / "run")
+def test_cli_eval_prints_the_json_contract(default_run, capsys):
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--episodes", "3", "--json"]) == 0
+    assert main(["eval", str(default_run.run_dir), "--episodes", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"mean_success", "mean_return", "per_task"}
     assert set(out["per_task"]) == {"toy-0", "toy-1", "toy-2"}

@@ -1,0 +1,219 @@
+"""Evaluation videos: `mtrl eval CHECKPOINT --video DIR` writes `DIR/<task>.mp4`, one file per task.
+
+The episodes are the evaluation's own: the same evaluation envs (seed, `terminate_on_success`,
+pseudorandom goal sweep) and the policy's mean action, so episode k of a task's video is episode k
+of that task in `mtrl eval`, with the same success and return. Each sub-env is stepped on its own,
+so that every episode's last frame (the one where it succeeded) is kept: a vector env would reset a
+finished sub-env in the same step. A video shows, per episode, the frame after the reset and one
+frame per step; an episode ends at its time limit, or at its first success.
+
+Meta-World renders offscreen through MuJoCo and needs an OpenGL backend: `MUJOCO_GL=egl` (GPU
+driver, also the default here on a machine without a display) or `MUJOCO_GL=osmesa` (software).
+The toy benchmark draws its frames with numpy and needs none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+from mtrl.config import Config, ConfigError
+from mtrl.evaluation import Agent
+
+META_WORLD_CAMERA = "corner"
+TOY_CAMERA = "topview"
+
+
+class RenderError(ConfigError):
+    """No frame could be rendered (usually: no working OpenGL backend)."""
+
+
+@dataclass
+class TaskVideo:
+    path: Path
+    frames: int
+    lengths: list[int]  # steps per episode
+    returns: list[float]
+    successes: list[bool]
+
+
+def default_camera(benchmark: str) -> str:
+    return TOY_CAMERA if benchmark == "toy" else META_WORLD_CAMERA
+
+
+def camera_names(env: gym.Env) -> list[str]:
+    """The named cameras of one (sub-)env: its MuJoCo model's, or the toy env's."""
+    base = env.unwrapped
+    model = getattr(base, "model", None)
+    if model is None:
+        return list(getattr(base, "camera_names", ()))
+    import mujoco
+
+    return [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+
+
+def _upside_down(env: gym.Env) -> bool:
+    """Whether the env's fixed camera has its image-up axis pointing at the floor.
+
+    Meta-World's corner cameras are mounted that way; their frames are turned by 180 degrees so
+    that the floor is at the bottom (a rotation, not a mirror: left and right stay as seen).
+    """
+    base = env.unwrapped
+    name, model = getattr(base, "camera_name", None), getattr(base, "model", None)
+    if model is None or name is None:
+        return False
+    import mujoco
+
+    cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+    if cam < 0 or model.cam_mode[cam] != mujoco.mjtCamLight.mjCAMLIGHT_FIXED:
+        return False
+    return bool(base.data.cam_xmat[cam].reshape(3, 3)[2, 1] < 0)
+
+
+def _gl_error(what: str, err: Exception) -> RenderError:
+    detail = (str(err).strip().splitlines() or [""])[0]
+    return RenderError(
+        f"{what} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} ({type(err).__name__}: {detail}); "
+        "use MUJOCO_GL=egl with a GPU driver, or MUJOCO_GL=osmesa"
+    )
+
+
+def _load_mujoco() -> None:
+    """Import MuJoCo, which loads the OpenGL backend named by MUJOCO_GL, failing in one line."""
+    try:
+        import mujoco  # noqa: F401
+    except Exception as err:  # an unusable backend fails inside PyOpenGL with assorted exception types
+        raise _gl_error("cannot load MuJoCo", err) from None
+
+
+def _render(env: gym.Env, task: str) -> np.ndarray:
+    try:
+        frame = env.render()
+    except Exception as err:  # MuJoCo and PyOpenGL fail with many exception types when no backend works
+        raise _gl_error(f"cannot render {task}", err) from None
+    if frame is None:
+        raise RenderError(f"{task} rendered no frame: its env was not built with render_mode='rgb_array'")
+    return np.asarray(frame)
+
+
+def _record_task(agent: Agent, env: gym.Env, task: str, episodes: int, path: Path) -> TaskVideo:
+    import imageio.v2 as imageio
+
+    video = TaskVideo(path, 0, [], [], [])
+    fps = env.metadata.get("render_fps", 30)
+    # macro_block_size=1: keep the requested size (imageio would otherwise pad to multiples of 16)
+    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as writer:
+        turn = None
+        for _ in range(episodes):
+            obs, _ = env.reset()
+            agent.reset(np.ones(1, dtype=bool))
+            frame = _render(env, task)
+            turn = _upside_down(env) if turn is None else turn
+            writer.append_data(np.rot90(frame, 2) if turn else frame)
+            length, ret, success, done = 0, 0.0, False, False
+            while not done:
+                action = agent.eval_action(np.asarray(obs)[None])[0]
+                obs, reward, terminated, truncated, info = env.step(action)
+                length, ret = length + 1, ret + float(reward)
+                success = success or bool(info.get("success", 0.0))
+                done = bool(terminated or truncated)
+                frame = _render(env, task)
+                writer.append_data(np.rot90(frame, 2) if turn else frame)
+            video.frames += length + 1
+            video.lengths.append(length)
+            video.returns.append(ret)
+            video.successes.append(success)
+    return video
+
+
+def record_videos(
+    agent: Agent, envs: gym.vector.VectorEnv, task_names: list[str], out_dir: Path, episodes: int
+) -> dict[str, TaskVideo]:
+    """Render `episodes` evaluation episodes per task into `out_dir/<task>.mp4`.
+
+    `envs` is a synchronous vector env built with `render`; sub-env i is task `task_names[i]`, and
+    the agent gets one observation at a time. The files appear in `out_dir` only once every video
+    is complete: a failure leaves `out_dir` as it was.
+    """
+    if not isinstance(envs, gym.vector.SyncVectorEnv):
+        raise ValueError("videos need a synchronous vector env (vector_strategy='sync')")
+    if len(task_names) != envs.num_envs:
+        raise ValueError(f"{len(task_names)} task names for {envs.num_envs} envs")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, found {episodes}")
+    staging = Path(tempfile.mkdtemp(prefix="mtrl-video-"))
+    try:
+        videos = {
+            task: _record_task(agent, env, task, episodes, staging / f"{task}.mp4")
+            for env, task in zip(envs.envs, task_names, strict=True)
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for video in videos.values():
+            video.path = Path(shutil.move(video.path, out_dir / video.path.name))
+        return videos
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_options(out_dir: Path, episodes: int, width: int, height: int) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--video {out_dir}: exists and is not a directory")
+    if episodes < 1:
+        raise ConfigError(f"--video-episodes must be >= 1, found {episodes}")
+    for flag, value in (("--width", width), ("--height", height)):
+        if value < 2 or value % 2:
+            raise ConfigError(f"{flag} must be a positive even number of pixels (H.264 video), found {value}")
+
+
+def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
+    """The `mtrl eval --video` branch: `seed` is the evaluation envs' seed."""
+    from mtrl.envs import make_envs, task_names
+
+    if args.episodes is not None:
+        raise ConfigError("--episodes sets the evaluation's episodes; with --video, use --video-episodes")
+    check_options(args.video, args.video_episodes, args.width, args.height)
+    camera = args.camera or default_camera(cfg.env.benchmark)
+    if cfg.env.benchmark != "toy" and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        # Without a display, gymnasium's automatic choice (GLFW) fails; EGL is the headless backend.
+        os.environ["MUJOCO_GL"] = "egl"
+    if cfg.env.benchmark != "toy":
+        _load_mujoco()
+    render = {"camera_name": camera, "width": args.width, "height": args.height}
+    envs = make_envs(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)
+    try:
+        known = camera_names(envs.envs[0])
+        if camera not in known:
+            raise ConfigError(f"unknown camera {camera!r}; this benchmark's cameras: {', '.join(known)}")
+        videos = record_videos(agent, envs, task_names(cfg.env), args.video, args.video_episodes)
+    finally:
+        envs.close()
+    per_task = {
+        task: {
+            "success": float(np.mean(v.successes)),
+            "return": float(np.mean(v.returns)),
+            "video": str(v.path),
+            "frames": v.frames,
+        }
+        for task, v in videos.items()
+    }
+    mean_success = float(np.mean([t["success"] for t in per_task.values()]))
+    mean_return = float(np.mean([t["return"] for t in per_task.values()]))
+    if args.json:
+        print(json.dumps({"mean_success": mean_success, "mean_return": mean_return, "per_task": per_task}))
+    else:
+        width = max(len(t) for t in per_task)
+        for task, r in per_task.items():
+            print(
+                f"{task:<{width}}  success {r['success']:.3f}  return {r['return']:9.2f}  "
+                f"{r['video']} ({r['frames']} frames)"
+            )
+        print(f"{'mean':<{width}}  success {mean_success:.3f}  return {mean_return:9.2f}")
+    return 0

@@ -1,0 +1,249 @@
+"""Evaluation videos on the toy benchmark (numpy frames, no OpenGL): files, sizes, frame counts,
+agreement with the evaluation, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from mtrl.cli import main
+from mtrl.config import EnvConfig
+from mtrl.envs import make_envs, task_names
+from mtrl.evaluation import evaluate
+from mtrl.trainer import Trainer
+from mtrl.video import RenderError, camera_names, default_camera, record_videos
+from tests.conftest import toy_config
+
+TOY = EnvConfig(benchmark="toy", toy_tasks=3, max_episode_steps=20, num_goals=5)
+
+
+class ScriptedToyAgent:
+    """Heads for the goal (success within a few steps), except on task 1, where it flees (never succeeds)."""
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        pos, goal, task = observations[:, :2], observations[:, 2:4], observations[:, 4:].argmax(1)
+        sign = np.where(task == 1, -1.0, 1.0)[:, None]
+        return np.clip(sign * (goal - pos) / 0.1, -1, 1)
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        return None
+
+
+def _frames(path: Path) -> np.ndarray:
+    return np.stack(imageio.mimread(path, memtest=False))
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+def test_one_video_per_task_with_the_evaluation_episodes(tmp_path):
+    episodes, seed = 3, 5
+    envs = make_envs(TOY, seed, evaluation=True, vector_strategy="sync", render={"width": 40, "height": 24})
+    videos = record_videos(ScriptedToyAgent(), envs, task_names(TOY), tmp_path / "videos", episodes)
+    envs.close()
+    reference_envs = make_envs(TOY, seed, evaluation=True)
+    reference = evaluate(ScriptedToyAgent(), reference_envs, task_names(TOY), episodes)
+    reference_envs.close()
+
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["toy-0.mp4", "toy-1.mp4", "toy-2.mp4"]
+    for task, video in videos.items():
+        assert video.path == tmp_path / "videos" / f"{task}.mp4"
+        # same episodes as the evaluation: same goals, same successes, same returns
+        assert np.mean(video.successes) == reference.per_task[task]["success"]
+        assert np.mean(video.returns) == pytest.approx(reference.per_task[task]["return"], rel=1e-6)
+        # terminate_on_success: a successful episode stops early, a failed one runs to the time limit
+        for length, success in zip(video.lengths, video.successes, strict=True):
+            assert (length < TOY.max_episode_steps) if success else (length == TOY.max_episode_steps)
+        frames = _frames(video.path)
+        assert frames.shape == (sum(video.lengths) + episodes, 24, 40, 3)  # reset frame + one per step
+        assert video.frames == len(frames)
+        assert np.abs(np.diff(frames.astype(int), axis=0)).max() > 100  # the point moves
+    assert videos["toy-1"].successes == [False] * episodes
+    assert all(videos["toy-0"].successes) and all(videos["toy-2"].successes)
+    assert videos["toy-0"].frames < episodes * (TOY.max_episode_steps + 1)
+
+
+def test_toy_frames_draw_the_point_and_the_goal():
+    envs = make_envs(TOY, 0, evaluation=True, vector_strategy="sync", render={"width": 64, "height": 64})
+    envs.reset()
+    env = envs.envs[0].unwrapped
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+    red = np.argwhere((frame == (210, 30, 40)).all(-1))
+    green = np.argwhere((frame == (40, 160, 60)).all(-1))
+    to_pixel = (np.array([1 - env.pos[1], env.pos[0] + 1])) * 32  # (row, column) of the point's position
+    np.testing.assert_allclose(red.mean(0) + 0.5, to_pixel, atol=1.0)
+    goal_pixel = (np.array([1 - env.goal[1], env.goal[0] + 1])) * 32
+    np.testing.assert_allclose(green.mean(0) + 0.5, goal_pixel, atol=1.0)
+    envs.close()
+
+
+def test_a_failure_leaves_the_output_directory_untouched(tmp_path):
+    envs = make_envs(TOY, 0, evaluation=True, vector_strategy="sync")  # built without `render`
+    with pytest.raises(RenderError, match="toy-0 rendered no frame"):
+        record_videos(ScriptedToyAgent(), envs, task_names(TOY), tmp_path / "videos", 1)
+    envs.close()
+    assert not (tmp_path / "videos").exists()
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("video") / "run"
+    assert Trainer(toy_config(run, "train.total_steps=100", "eval.every=100"), run).train() == 0
+    return run
+
+
+def test_cli_writes_the_videos_of_the_evaluation(toy_run, tmp_path, capsys):
+    out = tmp_path / "new" / "videos"
+    argv = ["eval", str(toy_run), "--video", str(out), "--video-episodes", "2", "--width", "40", "--height", "24"]
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(toy_run), "--episodes", "2", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert recorded["mean_success"] == evaluated["mean_success"]
+    assert recorded["mean_return"] == pytest.approx(evaluated["mean_return"], rel=1e-6)
+    assert list(recorded["per_task"]) == ["toy-0", "toy-1", "toy-2"]
+    for task, r in recorded["per_task"].items():
+        assert r["return"] == pytest.approx(evaluated["per_task"][task]["return"], rel=1e-6)
+        assert r["video"] == str(out / f"{task}.mp4")
+        frames = _frames(Path(r["video"]))
+        assert frames.shape[1:] == (24, 40, 3)
+        assert len(frames) == r["frames"]
+        # this barely trained policy never succeeds: both episodes run to the 20-step time limit
+        assert r["success"] == 0.0
+        assert r["frames"] == 2 * (20 + 1)
+    assert main(argv) == 0  # the table form; the files are rewritten in place
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["toy-0", "toy-1", "toy-2", "mean"]
+    assert lines[0].endswith(f"{out / 'toy-0.mp4'} ({recorded['per_task']['toy-0']['frames']} frames)")
+
+
+BAD = {
+    "video path is a file": (["--video", "afile"], "--video afile: exists and is not a directory"),
+    "zero width": (
+        ["--video", "v", "--width", "0"],
+        "--width must be a positive even number of pixels (H.264 video), found 0",
+    ),
+    "negative width": (
+        ["--video", "v", "--width", "-4"],
+        "--width must be a positive even number of pixels (H.264 video), found -4",
+    ),
+    "odd height": (
+        ["--video", "v", "--height", "25"],
+        "--height must be a positive even number of pixels (H.264 video), found 25",
+    ),
+    "zero episodes": (["--video", "v", "--video-episodes", "0"], "--video-episodes must be >= 1, found 0"),
+    "unknown camera": (
+        ["--video", "v", "--camera", "corner"],
+        "unknown camera 'corner'; this benchmark's cameras: topview",
+    ),
+    "--episodes with --video": (
+        ["--video", "v", "--episodes", "3"],
+        "--episodes sets the evaluation's episodes; with --video, use --video-episodes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_video_options_give_one_line_and_write_nothing(case, toy_run, tmp_path, monkeypatch, capsys):
+    flags, message = BAD[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
+    (tmp_path / "afile").write_text("keep")
+    capsys.readouterr()
+    assert _main(["eval", str(toy_run), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"mtrl: error: {message}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+# --- real Meta-World rendering (needs an OpenGL backend; skipped where none works) ---
+
+GL_PROBE = """
+import mujoco
+model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='0.1'/></worldbody></mujoco>")
+data = mujoco.MjData(model)
+mujoco.mj_forward(model, data)
+renderer = mujoco.Renderer(model, 8, 8)
+renderer.update_scene(data)
+assert renderer.render().shape == (8, 8, 3)
+"""
+
+
+def _working_gl_backend() -> tuple[str | None, str]:
+    """The first of $MUJOCO_GL (when set), or else egl and osmesa, that renders in a fresh process."""
+    candidates = [os.environ["MUJOCO_GL"]] if "MUJOCO_GL" in os.environ else ["egl", "osmesa"]
+    failures = []
+    for backend in candidates:
+        env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"}
+        proc = subprocess.run(
+            [sys.executable, "-c", GL_PROBE], env={**env, "MUJOCO_GL": backend}, capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            return backend, ""
+        failures.append(f"MUJOCO_GL={backend}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return None, "; ".join(failures)
+
+
+class MetaWorldExpert:
+    """Meta-World's scripted policy for each task, in sub-env order."""
+
+    def __init__(self, tasks: list[str]):
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.experts = [ENV_POLICY_MAP[t]() for t in tasks]
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        return np.stack([e.get_action(o[:39]) for e, o in zip(self.experts, observations, strict=True)])
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        return None
+
+
+@pytest.mark.metaworld
+def test_metaworld_video_of_reach(tmp_path, monkeypatch):
+    backend, why = _working_gl_backend()
+    if backend is None:
+        pytest.skip(f"no OpenGL backend renders here ({why})")
+    bound = os.environ.get("PYOPENGL_PLATFORM")
+    if "OpenGL" in sys.modules and bound not in (None, backend):
+        pytest.skip(f"PyOpenGL is already bound to {bound} in this process; {backend} is the one that works")
+    monkeypatch.setenv("MUJOCO_GL", backend)
+    # ten-step episodes keep the software renderers of CI machines quick
+    cfg = EnvConfig(benchmark="MT1", tasks=["reach-v3"], max_episode_steps=10)
+    render = {"camera_name": default_camera("MT1"), "width": 32, "height": 32}
+    envs = make_envs(cfg, 3, evaluation=True, vector_strategy="sync", render=render)
+    assert {"corner", "corner2", "topview"} <= set(camera_names(envs.envs[0]))
+    try:
+        videos = record_videos(MetaWorldExpert(cfg.tasks), envs, task_names(cfg), tmp_path / "videos", 1)
+    except RenderError as err:
+        pytest.skip(str(err))
+    finally:
+        envs.close()
+    reference_envs = make_envs(cfg, 3, evaluation=True)
+    reference = evaluate(MetaWorldExpert(cfg.tasks), reference_envs, task_names(cfg), 1)
+    reference_envs.close()
+
+    video = videos["reach-v3"]
+    assert video.lengths == [10]
+    assert float(video.successes[0]) == reference.per_task["reach-v3"]["success"]
+    assert video.returns[0] == pytest.approx(reference.per_task["reach-v3"]["return"], rel=1e-6)
+    frames = _frames(tmp_path / "videos" / "reach-v3.mp4")
+    assert frames.shape == (10 + 1, 32, 32, 3)
+    assert frames.std() > 10  # a picture, not a blank frame
+    assert np.abs(np.diff(frames.astype(int), axis=0)).max() > 30  # the arm moves
