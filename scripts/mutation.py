@@ -17,7 +17,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "buffer": (["mtrl.buffer.*"], ["tests/test_buffer.py"]),
     "sac": (["mtrl.sac.*"], ["tests/test_sac.py", "tests/test_jacobian.py"]),
     "jacobian": (["mtrl.jacobian.*"], ["tests/test_jacobian.py", "tests/test_sac.py"]),
-    "evaluation": (["mtrl.evaluation.*"], ["tests/test_evaluation.py"]),
+    "evaluation": (["mtrl.evaluation.*"], ["tests/test_evaluation.py", "tests/test_evaluator_scripted.py"]),
     "checkpoint": (["mtrl.checkpoint.*"], ["tests/test_checkpoint.py"]),
     # The run state of the trainer: what a checkpoint holds and how a resume restores it.
     "runstate": (
