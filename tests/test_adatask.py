@@ -137,3 +137,20 @@ def test_training_with_adatask_moves_shared_weights_and_stays_finite(tmp_path):
     assert set(trainer.agent.optimizers) == {"critic_shared", "critic", "actor_shared", "actor", "alpha"}
     for name, p in trainer.agent.critic.named_parameters():
         assert torch.isfinite(p).all() and not torch.equal(p, before[name]), name
+
+
+def test_the_edges_of_the_hyper_parameter_ranges():
+    with pytest.raises(ValueError, match="`lr` must be > 0, found 0.0"):
+        AdaTask(_params(), num_tasks=2, lr=0.0)
+    # beta = 0 is allowed: the moments are then the latest gradient alone, and one task steps like sign-SGD
+    params = _params()
+    AdaTask(params, num_tasks=1, lr=0.5, betas=(0.0, 0.0), eps=1e-12).step_tasks(
+        torch.full((1, 10), -3.0, dtype=torch.float64)
+    )
+    assert torch.allclose(params[1], _params()[1] + 0.5)
+
+
+def test_a_plain_step_says_which_method_to_call():
+    with pytest.raises(RuntimeError) as err:
+        AdaTask(_params(), num_tasks=2).step()
+    assert str(err.value) == "AdaTask needs the per-task gradients: call step_tasks(task_grads)"

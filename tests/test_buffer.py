@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,56 @@ def test_every_task_draws_its_own_uniform_indices():
         for j in range(i):
             # independent draws coincide in about 1/size of the positions; shared indices in all of them
             assert (idx[i] == idx[j]).float().mean() < 0.05, (i, j)
+
+
+def test_a_transition_missing_a_field_is_refused_rather_than_stored_misaligned():
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    with pytest.raises(ValueError):
+        buf.add(tuple(_transition(2, 0))[:-1])
+    assert (buf.size, buf.cursor) == (0, 0)
+
+
+@pytest.mark.parametrize("tasks,obs_dim", [(3, 3), (2, 4)], ids=["other task count", "other observation size"])
+def test_a_buffer_state_of_another_shape_is_refused_naming_the_field_and_both_shapes(tasks, obs_dim):
+    saved = MultiTaskReplayBuffer(tasks, 5, obs_dim, 2, torch.device("cpu"))
+    for step in range(3):
+        saved.add(_transition(tasks, step, obs_dim))
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    expected = f"buffer field 'obs' has shape ({tasks}, 3, {obs_dim}), expected (2, 5, 3)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        buf.load_state_dict(saved.state_dict())
+    assert (buf.size, buf.cursor) == (0, 0)
+
+
+def test_sampling_an_empty_buffer_says_so_in_one_clear_sentence():
+    buf = MultiTaskReplayBuffer(2, 5, 3, 2, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="^cannot sample from an empty replay buffer$"):
+        buf.sample(1, torch.Generator(), torch.device("cpu"))
+
+
+def test_a_one_transition_buffer_holds_the_latest_and_zero_capacity_is_refused():
+    buf = MultiTaskReplayBuffer(2, 1, 3, 2, torch.device("cpu"))
+    for step in range(3):
+        buf.add(_transition(2, step))
+    assert (buf.size, buf.cursor) == (1, 0)
+    assert torch.equal(
+        buf.sample(4, torch.Generator().manual_seed(0), torch.device("cpu")).action[..., 1], torch.full((2, 4), 2.0)
+    )
+    with pytest.raises(ValueError, match="^capacity_per_task must be >= 1, found 0$"):
+        MultiTaskReplayBuffer(2, 0, 3, 2, torch.device("cpu"))
+
+
+def test_nbytes_predicts_the_storage_a_buffer_allocates():
+    buf = MultiTaskReplayBuffer(3, 7, 5, 2, torch.device("cpu"))
+    assert MultiTaskReplayBuffer.nbytes(3, 7, 5, 2) == sum(t.nbytes for t in buf.storage) == 4 * 3 * 7 * (2 * 5 + 2 + 3)
+
+
+def test_storage_is_float32_even_when_torchs_default_dtype_is_not():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        buf = MultiTaskReplayBuffer(2, 4, 3, 2, torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(previous)
+    assert {t.dtype for t in buf.storage} == {torch.float32}
+    assert sum(t.nbytes for t in buf.storage) == MultiTaskReplayBuffer.nbytes(2, 4, 3, 2)

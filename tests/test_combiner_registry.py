@@ -1,6 +1,7 @@
 """The registry and `make_combiner`: names, hyper-parameters and the errors a config author sees."""
 
 import pytest
+import torch
 
 from mtrl.combiners import COMBINERS, make_combiner
 
@@ -66,3 +67,13 @@ def test_out_of_range_values_name_the_parameter_and_the_value(name, hyper_parame
 def test_integral_values_are_accepted_for_real_parameters():
     assert make_combiner("cagrad", c=1).hyper_parameters["c"] == 1.0
     assert make_combiner("cagrad", rescale=2.0).hyper_parameters["rescale"] == 2
+
+
+def test_gramian_of_large_gradients_over_many_parameters_stays_finite():
+    from mtrl.combiners.base import gramian
+
+    # Every entry of G Gᵀ is 1000 x 1e36: fine in float64, past float32's range if the product were formed in float32.
+    matrix = torch.full((2, 1000), 1e18, dtype=torch.float32)
+    result = gramian(matrix)
+    assert result.dtype == torch.float64 and torch.isfinite(result).all()
+    torch.testing.assert_close(result, matrix.double() @ matrix.double().T, rtol=1e-6, atol=0)

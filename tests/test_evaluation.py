@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from mtrl.cli import main
 from mtrl.config import load_config
@@ -89,3 +90,14 @@ def test_cli_eval_reproduces_the_trainers_final_evaluation(tmp_path, capsys):
     assert out["mean_success"] == final["eval/mean_success"]
     assert out["mean_return"] == final["eval/mean_return"]
     assert {t: v["success"] for t, v in out["per_task"].items()} == final["eval/success/per_task"]
+
+
+def test_one_episode_per_task_is_a_valid_evaluation_and_zero_is_refused():
+    envs, names = toy_envs()
+    result = Evaluator(envs, names, 1)(GoalRecorder(envs.num_envs))
+    assert sorted(result.per_task) == sorted(names)
+    assert result.per_task[names[0]]["success"] == 1.0  # task 0 is steered to its goal
+    assert result.mean_success == np.mean([t["success"] for t in result.per_task.values()])
+    for make in (lambda: Evaluator(envs, names, 0), lambda: evaluate(GoalRecorder(envs.num_envs), envs, names, 0)):
+        with pytest.raises(ValueError, match="^episodes must be >= 1, found 0$"):
+            make()

@@ -96,3 +96,19 @@ def test_write_shared_grad_round_trips_the_flat_vector_and_checks_length():
     assert torch.equal(flat, update)
     with pytest.raises(ValueError, match="entries"):
         write_shared_grad(objective.shared, torch.zeros(n + 1, dtype=torch.float64))
+
+
+def test_a_parameter_the_loss_ignores_gets_zero_gradient_and_counts_in_the_flat_size():
+    from mtrl.jacobian import flat_numel
+
+    critic, objective = _objective(multihead=True)
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    objective.shared["unused"] = unused
+    losses, _ = mean_backward(objective)
+    assert torch.equal(unused.grad, torch.zeros(3, dtype=torch.float64))
+    assert losses.shape == (K,)
+    assert (
+        flat_numel(objective.shared)
+        == task_jacobian(objective).matrix.shape[1]
+        == 3 + sum(p.numel() for n, p in critic.named_parameters() if n in objective.shared)
+    )

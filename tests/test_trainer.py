@@ -268,3 +268,11 @@ def test_each_diagnostics_update_reaches_exactly_one_log(tmp_path):
     logged = [r["step"] for r in records if r["kind"] == "train" and "combiner/critic/cos_mean" in r]
     # updates 0, 20, 40, ... happen at steps 50, 70, 90, ...; logs every 20 steps from step 20
     assert logged == [60, 80, 100]
+
+
+def test_a_resume_restores_the_last_evaluation(tmp_path):
+    run = tmp_path / "run"
+    trained = _train(run, "train.total_steps=100")
+    assert trained.last_eval is not None
+    resumed = Trainer(toy_config(run), run, resume=True)
+    assert resumed.last_eval == trained.last_eval
