@@ -290,3 +290,25 @@ def test_adatask_steps_on_clipped_task_gradients():
     unclipped, clipped = shared_step(None), shared_step(1e-12)
     # Adam-like steps are scale-free except for eps: gradients clipped to ~1e-12 make steps ~1e-4 as large.
     assert clipped < 1e-2 * unclipped
+
+
+def test_update_metrics_are_the_per_task_quantities_they_name():
+    """`q_mean`, the losses and the combiner diagnostics, against independent computations."""
+    agent, batch = make_agent("multihead", "cagrad"), make_batch()
+    q_before = agent.critic(batch.obs, batch.action)[0].detach().mean(1)
+    # the update's first draw from its generator is the next-action noise of the target
+    next_noise = torch.randn(K, B, ACT, generator=torch.Generator().manual_seed(0))  # float32, as drawn there
+    rows = task_jacobian(agent.critic_objective(batch, agent.bellman_target(batch, next_noise))).matrix
+    result = agent.update(batch, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), diagnostics=True)
+    m = result.metrics
+    torch.testing.assert_close(m["q_mean"], q_before, rtol=1e-12, atol=1e-12)
+    assert m["loss/critic"].shape == m["loss/actor"].shape == m["loss/alpha"].shape == (K,)
+    norms = rows.norm(dim=1)
+    cosines = (rows @ rows.T / torch.outer(norms, norms))[~torch.eye(K, dtype=torch.bool)]
+    torch.testing.assert_close(m["combiner/critic/grad_norm"], norms, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m["combiner/critic/cos_mean"], cosines.mean(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m["combiner/critic/cos_min"], cosines.min(), rtol=1e-9, atol=1e-12)
+    assert float(m["combiner/critic/conflict_share"]) == pytest.approx(float((cosines < 0).double().mean()), rel=1e-6)
+    for net in ("critic", "actor"):
+        weights = m[f"combiner/{net}/weights"]
+        assert weights.shape == (K,) and (weights > 0).all()  # CAGrad's weights are 1/K plus a positive part
