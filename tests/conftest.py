@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mtrl.config import Config, load_config
 
@@ -31,6 +32,19 @@ TOY_OVERRIDES = [
 def toy_config(run_dir: Path, *overrides: str) -> Config:
     """A seconds-long run on the built-in toy benchmark."""
     return load_config(None, [*TOY_OVERRIDES, f"run.dir={run_dir}", *overrides])
+
+
+def nested_config(overrides: list[str]) -> dict:
+    """Dotted `key=value` overrides as the nested mapping a YAML preset holds."""
+    data: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return data
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import yaml
 from mtrl import checkpoint as ckpt
 from mtrl.cli import main
 from mtrl.trainer import Trainer
-from tests.conftest import TOY_OVERRIDES, toy_config
+from tests.conftest import TOY_OVERRIDES, nested_config, toy_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "run"
@@ -39,19 +39,6 @@ class Exploit:
 
     def __reduce__(self):
         return (Path.touch, (Path("pwned").absolute(),))
-
-
-def _toy_yaml() -> str:
-    """TOY_OVERRIDES as a nested YAML preset."""
-    data: dict = {}
-    for item in TOY_OVERRIDES:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return yaml.safe_dump(data)
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +349,7 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 
 def _prepare(d: Path, finished_run: Path, case: Case) -> None:
-    (d / "good.yaml").write_text(_toy_yaml())
+    (d / "good.yaml").write_text(yaml.safe_dump(nested_config(TOY_OVERRIDES)))
     shutil.copytree(finished_run, d / RUN)
     for setup in case.setup:
         setup(d)

@@ -31,26 +31,14 @@ from mtrl import sweep
 from mtrl.cli import main
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
-from tests.conftest import TOY_OVERRIDES
+from tests.conftest import TOY_OVERRIDES, nested_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _nested(overrides: list[str]) -> dict:
-    data: dict = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return data
-
-
 def write_preset(path: Path, *overrides: str) -> Path:
     """The seconds-long toy config as a YAML preset, with `overrides` on top."""
-    path.write_text(yaml.safe_dump(_nested([*TOY_OVERRIDES, *overrides])))
+    path.write_text(yaml.safe_dump(nested_config([*TOY_OVERRIDES, *overrides])))
     return path
 
 
