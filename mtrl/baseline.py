@@ -5,7 +5,7 @@ and trains K independent SB3 SAC agents, agent k on task k alone: the upper boun
 methods are compared against.
 
 What is shared with the multi-task runs:
-- Agent k trains on sub-env k of the multi-task training envs (`make_envs(cfg.env, cfg.seed,
+- Agent k trains on sub-env k of the multi-task training envs (`make_backend(cfg.env, cfg.seed,
   evaluation=False)`): the same goal set, time limit, one-hot observation and reward version. Meta-World's
   MT1 with the same seed would not do: MT10/MT50 draw every task's goals from one seeded stream
   across the benchmark, so task k inside MT10 holds other goals than MT1 of that task. Its first
@@ -56,6 +56,8 @@ from mtrl.config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     import gymnasium as gym
     import torch
+
+    from mtrl.envs.vector import VectorEnvBackend
 
 METHOD = "sac_single_task"
 BASELINE_DIR = "baseline"
@@ -255,31 +257,19 @@ def _rng_from_json(data: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-class _OneEnv:
-    """One sub-env behind the `call` method that `env_checkpoint`/`load_env_checkpoint` use."""
-
-    def __init__(self, env: gym.Env):
-        self.env = env
-
-    def call(self, name: str, *args: Any) -> list[Any]:
-        return [self.env.get_wrapper_attr(name)(*args)]
-
-
 # ----- one task ----------------------------------------------------------------------------------
 class _Watcher:
     """SB3 step callback of one task: episode statistics, the env state the next reset starts from,
     the progress bar, and stop requests (returning False ends `learn`)."""
 
-    def __init__(self, env: gym.Env, episode_steps: int, run: BaselineRun):
-        self.env, self.episode_steps, self.run = env, episode_steps, run
+    def __init__(self, index: int, episode_steps: int, run: BaselineRun):
+        self.index, self.episode_steps, self.run = index, episode_steps, run
         self.in_episode = 0  # steps taken in the current episode
         self.ep_return, self.ep_success = 0.0, False
         self.finished: list[tuple[float, bool]] = []  # (return, success) of the episodes ended this chunk
         self.env_state: str | None = None  # None: the first reset, seeded
 
     def __call__(self, locals_: dict[str, Any], _globals: dict[str, Any]) -> bool:
-        from mtrl.envs import env_checkpoint
-
         info = locals_["infos"][0]
         self.ep_return += float(locals_["rewards"][0])
         self.ep_success |= bool(info.get("success", 0.0))
@@ -289,7 +279,8 @@ class _Watcher:
         else:
             self.in_episode += 1
             if self.in_episode == self.episode_steps - 1:  # the next step ends the episode: remember
-                self.env_state = env_checkpoint(_OneEnv(self.env))  # the RNG state its reset will use
+                # the RNG state its reset will use
+                self.env_state = self.run.train_backend.get_state(tasks=[self.index])
         self.run.bar.update(1)
         return self.run.stop_signal is None
 
@@ -301,7 +292,7 @@ class _Task:
         from stable_baselines3 import SAC
         from stable_baselines3.common.logger import Logger
 
-        self.index, self.name, self.env, self.cfg = index, name, env, cfg
+        self.index, self.name, self.cfg, self.run = index, name, cfg, run
         self.device = run.device
         self.seed = task_seed(cfg.seed, index)
         self.rng = _fresh_rng(self.seed, self.device)
@@ -329,7 +320,7 @@ class _Task:
         # SB3 otherwise creates a logging folder in the temp dir at every `learn`.
         self.model.set_logger(Logger(folder=None, output_formats=[]))
         self.model.action_space.seed(self.seed)
-        self.watcher = _Watcher(env, cfg.env.max_episode_steps, run)
+        self.watcher = _Watcher(index, cfg.env.max_episode_steps, run)
 
     def seed_first_reset(self) -> None:
         """Seed the next reset with `seed + k`, as the trainer's vectorised reset seeds sub-env k."""
@@ -373,7 +364,6 @@ class _Task:
         from stable_baselines3.common.save_util import load_from_zip_file
 
         from mtrl.checkpoint import CheckpointError
-        from mtrl.envs import load_env_checkpoint
 
         path = directory / f"{self.name}.zip"
         try:
@@ -402,7 +392,7 @@ class _Task:
         if state["env_state"] is None:
             self.seed_first_reset()
         else:
-            load_env_checkpoint(_OneEnv(self.env), state["env_state"])
+            self.run.train_backend.set_state(state["env_state"], tasks=[self.index])
         self.watcher.env_state = state["env_state"]
         self.model.action_space.np_random.bit_generator.state = state["action_space_rng"]
 
@@ -459,7 +449,8 @@ class BaselineRun:
         import torch
 
         from mtrl.checkpoint import CheckpointError
-        from mtrl.envs import make_envs, task_names
+        from mtrl.envs import make_backend, task_names
+        from mtrl.envs.vector import VectorEnvBackend
         from mtrl.evaluation import Evaluator
         from mtrl.trainer import resolve_device, set_cpu_threads
 
@@ -483,17 +474,21 @@ class BaselineRun:
             if state["tasks"] != self.tasks:
                 raise CheckpointError(f"{self.run_dir} was trained on other tasks than this config")
             check_resumable(_saved_config(self.run_dir), cfg)
-        self.train_envs = make_envs(cfg.env, cfg.seed, evaluation=False, vector_strategy="sync")
+        backend = make_backend(cfg.env, cfg.seed, evaluation=False, vector_strategy="sync")
+        if not isinstance(backend, VectorEnvBackend):
+            backend.close()
+            raise ConfigError(f"baseline: SB3 needs gymnasium envs; the {cfg.env.benchmark} backend has none")
+        self.train_backend: VectorEnvBackend = backend
         self.evaluator = Evaluator(
-            make_envs(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy),
-            self.tasks,
+            make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy),
             cfg.eval.episodes,
         )
-        # The training vector env is never stepped: it only builds the K sub-envs, each a full
+        # The training backend is never stepped: it only builds the K sub-envs, each a full
         # gymnasium env (time limit, one-hot, episode statistics, goal selection) that SB3 steps.
+        sub_envs = backend.vector_env.envs
         try:
             self.task_agents = [
-                _Task(k, name, self.train_envs.envs[k], cfg, len(self.tasks), self) for k, name in enumerate(self.tasks)
+                _Task(k, name, sub_envs[k], cfg, len(self.tasks), self) for k, name in enumerate(self.tasks)
             ]
             if state is not None:
                 recover(self.run_dir)
@@ -574,7 +569,7 @@ class BaselineRun:
                 signal.signal(s, handler)
 
     def close(self) -> None:
-        self.train_envs.close()
+        self.train_backend.close()
         self.evaluator.close()
 
     def _log_train(self, step: int, steps: int, seconds: float) -> None:

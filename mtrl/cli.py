@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mtrl.checkpoint import load
     from mtrl.config import config_from_dict
-    from mtrl.envs import make_envs, task_names
+    from mtrl.envs import make_backend
     from mtrl.evaluation import Evaluator
     from mtrl.policy import Policy, build_actor
     from mtrl.trainer import resolve_device
@@ -149,8 +149,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from mtrl import video
 
         return video.run(args, policy, cfg, seed)
-    envs = make_envs(cfg.env, seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
-    evaluator = Evaluator(envs, task_names(cfg.env), args.episodes or cfg.eval.episodes)
+    backend = make_backend(cfg.env, seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
+    evaluator = Evaluator(backend, args.episodes or cfg.eval.episodes)
     result = evaluator(policy)
     evaluator.close()
     if args.json:

@@ -240,7 +240,9 @@ def validate(cfg: Config) -> None:
         f"device must be auto, cpu, cuda or cuda:N; found {cfg.device!r}",
     )
     env = cfg.env
-    _choice("env.benchmark", env.benchmark, BENCHMARKS)
+    from mtrl import envs  # local: the backend registry, which builds nothing
+
+    _choice("env.benchmark", env.benchmark, envs.benchmarks())
     _choice("env.vector_strategy", env.vector_strategy, ("sync", "async"))
     _choice("eval.vector_strategy", cfg.eval.vector_strategy, ("sync", "async"))
     _choice("env.reward_version", env.reward_version, ("v1", "v2"))
@@ -252,10 +254,10 @@ def validate(cfg: Config) -> None:
     if env.benchmark == "custom":
         _check(len(env.tasks) >= 1, "env.tasks must name at least one task for the custom benchmark")
         _check(len(set(env.tasks)) == len(env.tasks), f"env.tasks has duplicates: {env.tasks}")
-    if env.benchmark in ("MT1", "custom"):
-        from mtrl.envs import check_task_names
-
-        check_task_names(env.tasks)
+    try:
+        envs.check_task_names(env.benchmark, env.tasks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
     agent = cfg.agent
     _choice("agent.variant", agent.variant, ("conditioned", "multihead"))

@@ -2,21 +2,25 @@
 
 Separate evaluation envs that hold the training envs' goal sets (`terminate_on_success=True`,
 pseudorandom goal sweep), the policy's deterministic action, the first `episodes` episodes of
-each task in the order they end, and an episode succeeds if `info["success"]` was 1 at any step.
+each task in the order they end, and an episode succeeds if it reported success at any step.
 Same loop as `metaworld.evaluation.evaluation`, so on the same envs and policy both give the same
-numbers (tests/test_metaworld.py). `Evaluator` puts its envs back to their freshly built state
-before every evaluation, so every evaluation sweeps the same goals in the same order.
+numbers. `Evaluator` puts its backend back to its freshly built state before every evaluation,
+so every evaluation sweeps the same goals in the same order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import gymnasium as gym
 import numpy as np
 
-from mtrl.envs import env_checkpoint, load_env_checkpoint
+from mtrl.envs.vector import reported  # noqa: F401 - transitional: the trainer imports it from here
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+
+    from mtrl.envs import EnvBackend
 
 
 class Agent(Protocol):
@@ -51,46 +55,36 @@ class EvalResult:
         )
 
 
-def reported(info: dict, key: str, num_envs: int) -> np.ndarray:
-    """`info[key]` where the vector env reported it, False elsewhere."""
-    if key not in info:
-        return np.zeros(num_envs, dtype=bool)
-    present = info.get(f"_{key}", np.ones(num_envs, dtype=bool))
-    return np.asarray(info[key], dtype=float).astype(bool) & present
-
-
-def evaluate(agent: Agent, envs: gym.vector.VectorEnv, task_names: list[str], episodes: int) -> EvalResult:
-    """Run until every task has `episodes` finished episodes; sub-env i is task `task_names[i]`."""
+def evaluate(agent: Agent, backend: EnvBackend, episodes: int) -> EvalResult:
+    """Run until every task has `episodes` finished episodes, from the backend's current state."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, found {episodes}")
-    n = envs.num_envs
-    if len(task_names) != n:
-        raise ValueError(f"{len(task_names)} task names for {n} envs")
-    obs, _ = envs.reset()
+    n = backend.num_tasks
+    obs = backend.reset()
     agent.reset(np.ones(n, dtype=bool))
     returns: list[list[float]] = [[] for _ in range(n)]
     successes: list[list[bool]] = [[] for _ in range(n)]
-    succeeded = np.zeros(n, dtype=bool)  # success seen so far in each env's current episode
+    running = np.zeros(n)  # return so far of each task's current episode
+    succeeded = np.zeros(n, dtype=bool)  # success seen so far in each task's current episode
 
     while min(len(r) for r in returns) < episodes:
-        obs, _, terminated, truncated, info = envs.step(agent.eval_action(obs))
-        done = np.logical_or(terminated, truncated)
+        step = backend.step(agent.eval_action(obs))
+        obs, done = step.obs, step.done
         agent.reset(done)
-        succeeded |= reported(info, "success", n)
-        if done.any():
-            final = info["final_info"]
-            final_success = reported(final, "success", n)
-            for i in np.flatnonzero(done):
-                returns[i].append(float(final["episode"]["r"][i]))
-                successes[i].append(bool(succeeded[i] or final_success[i]))
-            succeeded[done] = False
+        running += step.reward
+        succeeded |= step.success
+        for i in np.flatnonzero(done):
+            returns[i].append(float(running[i]))
+            successes[i].append(bool(succeeded[i]))
+        running[done] = 0.0
+        succeeded[done] = False
 
     per_task = {
         name: {
             "success": float(np.mean(successes[i][:episodes])),
             "return": float(np.mean(returns[i][:episodes])),
         }
-        for i, name in enumerate(task_names)
+        for i, name in enumerate(backend.task_names)
     }
     return EvalResult(
         mean_success=float(np.mean([t["success"] for t in per_task.values()])),
@@ -100,22 +94,31 @@ def evaluate(agent: Agent, envs: gym.vector.VectorEnv, task_names: list[str], ep
 
 
 class Evaluator:
-    """The protocol on envs built once: each call starts from the envs' state at construction.
+    """The protocol on a backend built once: each call starts from the backend's state at construction.
 
     Meta-World's pseudorandom sweep walks through a task's goals and reshuffles them when it wraps
     around. Tasks that finish early run more than `episodes` episodes, so without the restore the
     next evaluation would start mid-sweep and repeat some goals while skipping others.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, task_names: list[str], episodes: int):
+    def __init__(self, backend: EnvBackend, episodes: int, *transitional: int):
+        if transitional:  # transitional: the trainer's `Evaluator(vector_env, task_names, episodes)`
+            from mtrl.envs import backend_of
+
+            backend, episodes = backend_of(backend), transitional[0]  # type: ignore[arg-type]
         if episodes < 1:
             raise ValueError(f"episodes must be >= 1, found {episodes}")
-        self.envs, self.task_names, self.episodes = envs, list(task_names), episodes
-        self.initial_state = env_checkpoint(envs)
+        self.backend, self.episodes = backend, episodes
+        self.initial_state = backend.get_state()
+
+    @property
+    def envs(self) -> gym.vector.VectorEnv:
+        """Transitional: the trainer's `eval_envs`."""
+        return self.backend.vector_env
 
     def __call__(self, agent: Agent) -> EvalResult:
-        load_env_checkpoint(self.envs, self.initial_state)
-        return evaluate(agent, self.envs, self.task_names, self.episodes)
+        self.backend.set_state(self.initial_state)
+        return evaluate(agent, self.backend, self.episodes)
 
     def close(self) -> None:
-        self.envs.close()
+        self.backend.close()

@@ -9,7 +9,8 @@ frame per step; an episode ends at its time limit, or at its first success.
 
 Meta-World renders offscreen through MuJoCo and needs an OpenGL backend: `MUJOCO_GL=egl` (GPU
 driver, also the default here on a machine without a display) or `MUJOCO_GL=osmesa` (software).
-The toy benchmark draws its frames with numpy and needs none.
+The toy benchmark draws its frames with numpy and needs none. Each env backend declares its
+default camera and whether it renders through MuJoCo.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
@@ -28,8 +30,8 @@ import numpy as np
 from mtrl.config import Config, ConfigError
 from mtrl.evaluation import Agent
 
-META_WORLD_CAMERA = "corner"
-TOY_CAMERA = "topview"
+if TYPE_CHECKING:
+    from mtrl.envs import EnvBackend
 
 
 class RenderError(ConfigError):
@@ -46,7 +48,9 @@ class TaskVideo:
 
 
 def default_camera(benchmark: str) -> str:
-    return TOY_CAMERA if benchmark == "toy" else META_WORLD_CAMERA
+    from mtrl.envs import backend_module
+
+    return backend_module(benchmark).DEFAULT_CAMERA
 
 
 def camera_names(env: gym.Env) -> list[str]:
@@ -134,26 +138,23 @@ def _record_task(agent: Agent, env: gym.Env, task: str, episodes: int, path: Pat
     return video
 
 
-def record_videos(
-    agent: Agent, envs: gym.vector.VectorEnv, task_names: list[str], out_dir: Path, episodes: int
-) -> dict[str, TaskVideo]:
+def record_videos(agent: Agent, backend: EnvBackend, out_dir: Path, episodes: int) -> dict[str, TaskVideo]:
     """Render `episodes` evaluation episodes per task into `out_dir/<task>.mp4`.
 
-    `envs` is a synchronous vector env built with `render`; sub-env i is task `task_names[i]`, and
-    the agent gets one observation at a time. The files appear in `out_dir` only once every video
-    is complete: a failure leaves `out_dir` as it was.
+    `backend` is built with `render` and `vector_strategy="sync"`: each of its sub-envs is stepped
+    on its own, and the agent gets one observation at a time. The files appear in `out_dir` only
+    once every video is complete: a failure leaves `out_dir` as it was.
     """
+    envs = backend.vector_env
     if not isinstance(envs, gym.vector.SyncVectorEnv):
         raise ValueError("videos need a synchronous vector env (vector_strategy='sync')")
-    if len(task_names) != envs.num_envs:
-        raise ValueError(f"{len(task_names)} task names for {envs.num_envs} envs")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, found {episodes}")
     staging = Path(tempfile.mkdtemp(prefix="mtrl-video-"))
     try:
         videos = {
             task: _record_task(agent, env, task, episodes, staging / f"{task}.mp4")
-            for env, task in zip(envs.envs, task_names, strict=True)
+            for env, task in zip(envs.envs, backend.task_names, strict=True)
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         for video in videos.values():
@@ -175,26 +176,27 @@ def check_options(out_dir: Path, episodes: int, width: int, height: int) -> None
 
 def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
     """The `mtrl eval --video` branch: `seed` is the evaluation envs' seed."""
-    from mtrl.envs import make_envs, task_names
+    from mtrl.envs import backend_module, make_backend
 
     if args.episodes is not None:
         raise ConfigError("--episodes sets the evaluation's episodes; with --video, use --video-episodes")
     check_options(args.video, args.video_episodes, args.width, args.height)
     camera = args.camera or default_camera(cfg.env.benchmark)
-    if cfg.env.benchmark != "toy" and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    mujoco_frames = backend_module(cfg.env.benchmark).RENDERS_WITH_MUJOCO
+    if mujoco_frames and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
         # Without a display, gymnasium's automatic choice (GLFW) fails; EGL is the headless backend.
         os.environ["MUJOCO_GL"] = "egl"
-    if cfg.env.benchmark != "toy":
+    if mujoco_frames:
         _load_mujoco()
     render = {"camera_name": camera, "width": args.width, "height": args.height}
-    envs = make_envs(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)
+    backend = make_backend(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)
     try:
-        known = camera_names(envs.envs[0])
+        known = camera_names(backend.vector_env.envs[0])
         if camera not in known:
             raise ConfigError(f"unknown camera {camera!r}; this benchmark's cameras: {', '.join(known)}")
-        videos = record_videos(agent, envs, task_names(cfg.env), args.video, args.video_episodes)
+        videos = record_videos(agent, backend, args.video, args.video_episodes)
     finally:
-        envs.close()
+        backend.close()
     per_task = {
         task: {
             "success": float(np.mean(v.successes)),

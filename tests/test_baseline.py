@@ -19,7 +19,7 @@ import yaml
 from mtrl.baseline import BASELINE_DIR, METHOD, PENDING_DIR, BaselineRun, is_finished, read_state, task_seed
 from mtrl.cli import main
 from mtrl.config import load_config
-from mtrl.envs import make_envs
+from mtrl.envs import make_backend
 from mtrl.logger import METRICS_FILE
 from tests.conftest import TOY_OVERRIDES, toy_config
 
@@ -108,14 +108,14 @@ def test_models_have_the_configured_sizes_and_hyper_parameters(tmp_path):
 def test_agent_k_trains_on_task_k_of_the_multitask_envs_and_is_evaluated_on_its_goals(tmp_path):
     cfg = toy_config(tmp_path / "run", "train.total_steps=60", "eval.every=60")
     run = BaselineRun(cfg, tmp_path / "run")
-    multitask = make_envs(cfg.env, cfg.seed, evaluation=False)
+    multitask = make_backend(cfg.env, cfg.seed, evaluation=False).vector_env
     for k, model in enumerate(run.models):
         env = model.get_env().envs[0]
-        assert env.unwrapped is run.train_envs.envs[k].unwrapped
+        assert env.unwrapped is run.train_backend.vector_env.envs[k].unwrapped
         assert env.get_wrapper_attr("task_name") == TASKS[k]
         goals = env.get_wrapper_attr("goals")
         np.testing.assert_array_equal(goals, multitask.envs[k].get_wrapper_attr("goals"))
-        np.testing.assert_array_equal(goals, run.evaluator.envs.envs[k].get_wrapper_attr("goals"))
+        np.testing.assert_array_equal(goals, run.evaluator.backend.vector_env.envs[k].get_wrapper_attr("goals"))
         assert not env.get_wrapper_attr("terminate_on_success")
     assert run.train() == 0
 
@@ -270,7 +270,7 @@ def test_mt1_reach_trains_and_evaluates_on_the_training_goals(tmp_path):
     ]
     run = BaselineRun(load_config(None, overrides), tmp_path / "run")
     train_goals = sorted(t.data for t in run.models[0].get_env().envs[0].get_wrapper_attr("tasks"))
-    eval_goals = sorted(t.data for t in run.evaluator.envs.envs[0].get_wrapper_attr("tasks"))
+    eval_goals = sorted(t.data for t in run.evaluator.backend.vector_env.envs[0].get_wrapper_attr("tasks"))
     assert train_goals == eval_goals and len(train_goals) == 50
     assert run.train() == 0
     run.close()
@@ -289,10 +289,10 @@ def test_mt10_agents_train_and_evaluate_on_the_multitask_goal_sets(tmp_path):
         return sorted(t.data for t in env.get_wrapper_attr("tasks"))
 
     for k, model in enumerate(run.models):
-        assert goals(model.get_env().envs[0]) == goals(run.evaluator.envs.envs[k])
+        assert goals(model.get_env().envs[0]) == goals(run.evaluator.backend.vector_env.envs[k])
     # Why not Meta-World's MT1 with the same seed: it draws other goals than task k inside MT10.
     reach = run.tasks.index("reach-v3")
-    mt1 = make_envs(load_config(None, ["env.benchmark=MT1", "env.tasks=[reach-v3]", "seed=3"]).env, 3, False)
-    assert not set(goals(mt1.envs[0])) & set(goals(run.models[reach].get_env().envs[0]))
+    mt1 = make_backend(load_config(None, ["env.benchmark=MT1", "env.tasks=[reach-v3]", "seed=3"]).env, 3, False)
+    assert not set(goals(mt1.vector_env.envs[0])) & set(goals(run.models[reach].get_env().envs[0]))
     mt1.close()
     run.close()

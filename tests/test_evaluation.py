@@ -14,7 +14,7 @@ import pytest
 
 from mtrl.cli import main
 from mtrl.config import load_config
-from mtrl.envs import goal_sets, make_envs, task_names
+from mtrl.envs import backend_of, make_backend
 from mtrl.evaluation import Evaluator, evaluate
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
@@ -46,37 +46,37 @@ class GoalRecorder:
         return [g[:episodes] for g in self.goals]
 
 
-def toy_envs(seed: int = 3, evaluation: bool = True):
+def toy_backend(seed: int = 3, evaluation: bool = True):
     cfg = load_config(None, [*TOY_OVERRIDES, f"env.num_goals={GOALS}", "env.max_episode_steps=15"])
-    return make_envs(cfg.env, seed, evaluation=evaluation), task_names(cfg.env)
+    return make_backend(cfg.env, seed, evaluation=evaluation)
 
 
 def test_each_evaluation_sweeps_every_goal_once_in_the_same_order():
-    envs, names = toy_envs()
-    evaluator = Evaluator(envs, names, GOALS)
-    first, second = GoalRecorder(envs.num_envs), GoalRecorder(envs.num_envs)
+    backend = toy_backend()
+    evaluator = Evaluator(backend, GOALS)
+    first, second = GoalRecorder(backend.num_tasks), GoalRecorder(backend.num_tasks)
     assert evaluator(first) == evaluator(second)
     assert len(first.goals[0]) > 2 * GOALS  # task 0 finished early and ran past its sweep
     assert first.first(GOALS) == second.first(GOALS)
-    for recorded, goals in zip(first.first(GOALS), goal_sets(envs), strict=True):
+    for recorded, goals in zip(first.first(GOALS), backend.goal_sets(), strict=True):
         assert sorted(recorded) == sorted(tuple(np.round(g, 6).tolist()) for g in goals)  # each goal once
 
 
 def test_without_the_restore_a_second_sweep_would_repeat_and_skip_goals():
     """What `Evaluator` prevents: the sweep carries over, and reshuffles when it wraps around."""
-    envs, names = toy_envs()
-    first, second = GoalRecorder(envs.num_envs), GoalRecorder(envs.num_envs)
-    evaluate(first, envs, names, GOALS)
-    evaluate(second, envs, names, GOALS)
+    backend = toy_backend()
+    first, second = GoalRecorder(backend.num_tasks), GoalRecorder(backend.num_tasks)
+    evaluate(first, backend, GOALS)
+    evaluate(second, backend, GOALS)
     assert len(set(second.first(GOALS)[0])) < GOALS
 
 
 def test_training_and_evaluation_envs_hold_the_same_goal_sets(tmp_path):
     trainer = Trainer(toy_config(tmp_path / "run"), tmp_path / "run")
-    for train, evaluation in zip(goal_sets(trainer.envs), goal_sets(trainer.eval_envs), strict=True):
+    train_goals, eval_goals = backend_of(trainer.envs).goal_sets(), trainer.evaluator.backend.goal_sets()
+    for train, evaluation in zip(train_goals, eval_goals, strict=True):
         assert np.array_equal(train, evaluation)
-    other_seed, _ = toy_envs(seed=4)
-    assert not np.array_equal(goal_sets(other_seed)[0], goal_sets(trainer.envs)[0])
+    assert not np.array_equal(toy_backend(seed=4).goal_sets()[0], train_goals[0])
 
 
 def test_cli_eval_reproduces_the_trainers_final_evaluation(tmp_path, capsys):
@@ -93,11 +93,12 @@ def test_cli_eval_reproduces_the_trainers_final_evaluation(tmp_path, capsys):
 
 
 def test_one_episode_per_task_is_a_valid_evaluation_and_zero_is_refused():
-    envs, names = toy_envs()
-    result = Evaluator(envs, names, 1)(GoalRecorder(envs.num_envs))
+    backend = toy_backend()
+    names = backend.task_names
+    result = Evaluator(backend, 1)(GoalRecorder(backend.num_tasks))
     assert sorted(result.per_task) == sorted(names)
     assert result.per_task[names[0]]["success"] == 1.0  # task 0 is steered to its goal
     assert result.mean_success == np.mean([t["success"] for t in result.per_task.values()])
-    for make in (lambda: Evaluator(envs, names, 0), lambda: evaluate(GoalRecorder(envs.num_envs), envs, names, 0)):
+    for make in (lambda: Evaluator(backend, 0), lambda: evaluate(GoalRecorder(backend.num_tasks), backend, 0)):
         with pytest.raises(ValueError, match="^episodes must be >= 1, found 0$"):
             make()

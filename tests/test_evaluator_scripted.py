@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from mtrl.envs.vector import VectorEnvBackend
 from mtrl.evaluation import evaluate
 
 EPISODES = 2
@@ -100,7 +101,7 @@ def _return(length: int, episode: int) -> float:
 def test_success_at_any_step_of_the_first_episodes_counts():
     envs = _envs(terminate_on_success=False)
     agent = ScriptedAgent()
-    result = evaluate(agent, envs, TASKS, EPISODES)
+    result = evaluate(agent, VectorEnvBackend(envs, TASKS), EPISODES)
     expected = {
         "reach-v3": {"success": 0.5, "return": (_return(2, 0) + _return(2, 1)) / 2},  # 12
         "push-v3": {"success": 0.5, "return": (_return(6, 0) + _return(6, 1)) / 2},  # 36
@@ -117,7 +118,7 @@ def test_success_at_any_step_of_the_first_episodes_counts():
 
 
 def test_terminate_on_success_ends_episodes_at_their_first_success():
-    result = evaluate(ScriptedAgent(), _envs(terminate_on_success=True), TASKS, EPISODES)
+    result = evaluate(ScriptedAgent(), VectorEnvBackend(_envs(terminate_on_success=True), TASKS), EPISODES)
     assert result.per_task == {
         "reach-v3": {"success": 0.5, "return": (1 * 1 + _return(2, 1)) / 2},  # ends at step 1, then 2 steps
         "push-v3": {"success": 0.5, "return": (_return(6, 0) + 3 * 11) / 2},  # 6 steps, then ends at step 3
@@ -132,7 +133,7 @@ def test_agrees_with_metaworld_evaluation_on_scripted_episodes():
     def class_name(task: str) -> str:  # how Meta-World's evaluator identifies a sub-env's task
         return ALL_V3_ENVIRONMENTS[task].__name__
 
-    ours = evaluate(ScriptedAgent(), _envs(True, class_name), TASKS, EPISODES)
+    ours = evaluate(ScriptedAgent(), VectorEnvBackend(_envs(True, class_name), TASKS), EPISODES)
     mean_success, mean_return, per_task_success, returns = evaluation(
         ScriptedAgent(), _envs(True, class_name), EPISODES
     )

@@ -19,7 +19,7 @@ import torch
 from mtrl import load_policy
 from mtrl.adatask import AdaTask
 from mtrl.combiners import COMBINERS, make_combiner
-from mtrl.envs import make_envs
+from mtrl.envs import make_backend
 from mtrl.evaluation import evaluate
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
@@ -141,7 +141,7 @@ def test_a_policy_loaded_on_cuda_acts_and_evaluates_as_on_the_cpu(tmp_path):
     obs = np.random.default_rng(0).normal(size=(3, trainer.obs_dim)).astype(np.float32)
     np.testing.assert_allclose(on_gpu.eval_action(obs), on_cpu.eval_action(obs), rtol=1e-5, atol=1e-6)
     results = [
-        evaluate(policy, make_envs(trainer.cfg.env, trainer.cfg.seed, evaluation=True), trainer.tasks, 5)
+        evaluate(policy, make_backend(trainer.cfg.env, trainer.cfg.seed, evaluation=True), 5)
         for policy in (on_cpu, on_gpu)
     ]
     assert results[1].per_task.keys() == results[0].per_task.keys()

@@ -13,7 +13,7 @@ import pytest
 from mtrl.checkpoint import latest_checkpoint
 from mtrl.cli import main
 from mtrl.config import EnvConfig, load_config
-from mtrl.envs import goal_sets, make_envs, task_names
+from mtrl.envs import make_backend
 from mtrl.evaluation import Evaluator, evaluate
 
 pytestmark = pytest.mark.metaworld
@@ -43,9 +43,9 @@ def test_evaluator_agrees_with_metaworld_evaluation():
     from metaworld.evaluation import evaluation
 
     cfg = EnvConfig(benchmark="custom", tasks=TASKS, max_episode_steps=150)
-    ours = evaluate(NoisyScriptedAgent(TASKS), make_envs(cfg, 7, evaluation=True), task_names(cfg), 4)
+    ours = evaluate(NoisyScriptedAgent(TASKS), make_backend(cfg, 7, evaluation=True), 4)
     mean_success, mean_return, per_task_success, returns = evaluation(
-        NoisyScriptedAgent(TASKS), make_envs(cfg, 7, evaluation=True), 4
+        NoisyScriptedAgent(TASKS), make_backend(cfg, 7, evaluation=True).vector_env, 4
     )
     assert ours.mean_success == pytest.approx(mean_success)
     assert ours.mean_return == pytest.approx(mean_return)
@@ -58,14 +58,14 @@ def test_evaluator_agrees_with_metaworld_evaluation():
 
 def test_eval_envs_follow_the_protocol():
     cfg = EnvConfig(benchmark="MT1", tasks=["reach-v3"])
-    envs = make_envs(cfg, 0, evaluation=True)
-    assert all(envs.get_attr("terminate_on_success"))
+    backend = make_backend(cfg, 0, evaluation=True)
+    assert all(backend.vector_env.get_attr("terminate_on_success"))
     goals = []
     for _ in range(5):
-        obs, _ = envs.reset()
+        obs = backend.reset()
         goals.append(tuple(np.round(obs[0, 36:39], 6)))
     assert len(set(goals)) == 5  # a new goal every episode (pseudorandom sweep)
-    assert envs.single_observation_space.shape == (39 + 1,)  # one-hot task id is on
+    assert obs.shape == (1, 39 + 1) and backend.obs_dim == 39 + 1  # one-hot task id is on
 
 
 @pytest.mark.parametrize(
@@ -73,8 +73,8 @@ def test_eval_envs_follow_the_protocol():
 )  # building MT10's 50 goals per task twice takes ~45 s: the 50-goal case runs with -m slow
 def test_training_and_evaluation_envs_hold_identical_goals_per_task(preset):
     cfg = load_config(ROOT / "configs" / preset, ["env.vector_strategy=sync"])
-    train, evaluation = make_envs(cfg.env, 0, evaluation=False), make_envs(cfg.env, 0, evaluation=True)
-    train_goals, eval_goals = goal_sets(train), goal_sets(evaluation)
+    train, evaluation = make_backend(cfg.env, 0, evaluation=False), make_backend(cfg.env, 0, evaluation=True)
+    train_goals, eval_goals = train.goal_sets(), evaluation.goal_sets()
     assert len(train_goals) == 10 and all(len(g) == cfg.env.num_goals for g in train_goals)
     for task_train, task_eval in zip(train_goals, eval_goals, strict=True):
         assert np.array_equal(task_train, task_eval)
@@ -108,7 +108,7 @@ class ReachThenIdle:
 def test_every_evaluation_visits_each_goal_once_in_the_same_order():
     tasks, goals = ["reach-v3", "push-v3"], 5
     cfg = EnvConfig(benchmark="custom", tasks=tasks, max_episode_steps=60, num_goals=goals)
-    evaluator = Evaluator(make_envs(cfg, 0, evaluation=True), tasks, goals)
+    evaluator = Evaluator(make_backend(cfg, 0, evaluation=True), goals)
     first, second = ReachThenIdle(tasks), ReachThenIdle(tasks)
     assert evaluator(first) == evaluator(second)
     assert len(first.goals[0]) > goals + 1  # reach finished early and ran into its next sweep

@@ -16,7 +16,7 @@ import pytest
 
 from mtrl.cli import main
 from mtrl.config import EnvConfig
-from mtrl.envs import make_envs, task_names
+from mtrl.envs import make_backend
 from mtrl.evaluation import evaluate
 from mtrl.trainer import Trainer
 from mtrl.video import RenderError, camera_names, default_camera, record_videos
@@ -50,12 +50,12 @@ def _main(argv: list[str]) -> int:
 
 def test_one_video_per_task_with_the_evaluation_episodes(tmp_path):
     episodes, seed = 3, 5
-    envs = make_envs(TOY, seed, evaluation=True, vector_strategy="sync", render={"width": 40, "height": 24})
-    videos = record_videos(ScriptedToyAgent(), envs, task_names(TOY), tmp_path / "videos", episodes)
-    envs.close()
-    reference_envs = make_envs(TOY, seed, evaluation=True)
-    reference = evaluate(ScriptedToyAgent(), reference_envs, task_names(TOY), episodes)
-    reference_envs.close()
+    backend = make_backend(TOY, seed, evaluation=True, vector_strategy="sync", render={"width": 40, "height": 24})
+    videos = record_videos(ScriptedToyAgent(), backend, tmp_path / "videos", episodes)
+    backend.close()
+    reference_backend = make_backend(TOY, seed, evaluation=True)
+    reference = evaluate(ScriptedToyAgent(), reference_backend, episodes)
+    reference_backend.close()
 
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["toy-0.mp4", "toy-1.mp4", "toy-2.mp4"]
     for task, video in videos.items():
@@ -76,9 +76,9 @@ def test_one_video_per_task_with_the_evaluation_episodes(tmp_path):
 
 
 def test_toy_frames_draw_the_point_and_the_goal():
-    envs = make_envs(TOY, 0, evaluation=True, vector_strategy="sync", render={"width": 64, "height": 64})
-    envs.reset()
-    env = envs.envs[0].unwrapped
+    backend = make_backend(TOY, 0, evaluation=True, vector_strategy="sync", render={"width": 64, "height": 64})
+    backend.reset()
+    env = backend.vector_env.envs[0].unwrapped
     frame = env.render()
     assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
     red = np.argwhere((frame == (210, 30, 40)).all(-1))
@@ -87,14 +87,14 @@ def test_toy_frames_draw_the_point_and_the_goal():
     np.testing.assert_allclose(red.mean(0) + 0.5, to_pixel, atol=1.0)
     goal_pixel = (np.array([1 - env.goal[1], env.goal[0] + 1])) * 32
     np.testing.assert_allclose(green.mean(0) + 0.5, goal_pixel, atol=1.0)
-    envs.close()
+    backend.close()
 
 
 def test_a_failure_leaves_the_output_directory_untouched(tmp_path):
-    envs = make_envs(TOY, 0, evaluation=True, vector_strategy="sync")  # built without `render`
+    backend = make_backend(TOY, 0, evaluation=True, vector_strategy="sync")  # built without `render`
     with pytest.raises(RenderError, match="toy-0 rendered no frame"):
-        record_videos(ScriptedToyAgent(), envs, task_names(TOY), tmp_path / "videos", 1)
-    envs.close()
+        record_videos(ScriptedToyAgent(), backend, tmp_path / "videos", 1)
+    backend.close()
     assert not (tmp_path / "videos").exists()
 
 
@@ -227,17 +227,17 @@ def test_metaworld_video_of_reach(tmp_path, monkeypatch):
     # ten-step episodes keep the software renderers of CI machines quick
     cfg = EnvConfig(benchmark="MT1", tasks=["reach-v3"], max_episode_steps=10)
     render = {"camera_name": default_camera("MT1"), "width": 32, "height": 32}
-    envs = make_envs(cfg, 3, evaluation=True, vector_strategy="sync", render=render)
-    assert {"corner", "corner2", "topview"} <= set(camera_names(envs.envs[0]))
+    backend = make_backend(cfg, 3, evaluation=True, vector_strategy="sync", render=render)
+    assert {"corner", "corner2", "topview"} <= set(camera_names(backend.vector_env.envs[0]))
     try:
-        videos = record_videos(MetaWorldExpert(cfg.tasks), envs, task_names(cfg), tmp_path / "videos", 1)
+        videos = record_videos(MetaWorldExpert(cfg.tasks), backend, tmp_path / "videos", 1)
     except RenderError as err:
         pytest.skip(str(err))
     finally:
-        envs.close()
-    reference_envs = make_envs(cfg, 3, evaluation=True)
-    reference = evaluate(MetaWorldExpert(cfg.tasks), reference_envs, task_names(cfg), 1)
-    reference_envs.close()
+        backend.close()
+    reference_backend = make_backend(cfg, 3, evaluation=True)
+    reference = evaluate(MetaWorldExpert(cfg.tasks), reference_backend, 1)
+    reference_backend.close()
 
     video = videos["reach-v3"]
     assert video.lengths == [10]

@@ -1,0 +1,113 @@
+"""The Meta-World backend: Meta-World 3.x benchmarks (MT1, MT10, MT25, MT50, custom) through gymnasium.
+
+One sub-env per task, sub-env i is task i, observations carry a one-hot task id.
+Training envs sample a goal at random on each reset; evaluation envs follow the Meta-World+
+protocol: `terminate_on_success=True` and a pseudorandom sweep over each task's goals.
+Built with the same seed, both hold the same goal sets (docs/protocol.md).
+Build them once per process and reuse them (Meta-World construction is slow).
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+
+from mtrl.envs.vector import VectorEnvBackend
+
+if TYPE_CHECKING:
+    from mtrl.config import EnvConfig
+
+DEFAULT_CAMERA = "corner"
+RENDERS_WITH_MUJOCO = True  # offscreen, through an OpenGL backend (MUJOCO_GL)
+
+# Meta-World declares float64 bounds on float32 spaces; gymnasium warns on every construction.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
+
+
+def _metaworld():
+    import metaworld  # noqa: F401 - registers the gymnasium ids
+
+    return metaworld
+
+
+def all_tasks() -> list[str]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return list(ALL_V3_ENVIRONMENTS)
+
+
+def check_task_names(benchmark: str, tasks: list[str]) -> None:
+    """MT1 and custom name their tasks in `env.tasks`; the others ignore it."""
+    if benchmark not in ("MT1", "custom"):
+        return
+    known = set(all_tasks())
+    for name in tasks:
+        if name not in known:
+            raise ValueError(f"unknown Meta-World task {name!r} (examples: reach-v3, push-v3, pick-place-v3)")
+
+
+def task_names(cfg: EnvConfig) -> list[str]:
+    if cfg.benchmark in ("MT1", "custom"):
+        return list(cfg.tasks)
+    from metaworld import env_dict
+
+    return list(getattr(env_dict, f"{cfg.benchmark}_V3"))
+
+
+def make_backend(
+    cfg: EnvConfig, seed: int, evaluation: bool, vector_strategy: str, render: dict[str, Any] | None
+) -> MetaWorldBackend:
+    render_kwargs = {} if render is None else {"render_mode": "rgb_array", **render}
+    mw = _metaworld()
+    # Meta-World keeps the number of goals per task in a module global that only the MT10/25/50
+    # entry point sets; set it for every benchmark so that one preset cannot leak into the next.
+    mw._N_GOALS = cfg.num_goals
+    kwargs: dict[str, Any] = dict(
+        vector_strategy=vector_strategy,
+        use_one_hot=True,  # Meta-World's default is False
+        reward_function_version=cfg.reward_version,
+        max_episode_steps=cfg.max_episode_steps,
+        terminate_on_success=evaluation,
+        task_select="pseudorandom" if evaluation else "random",
+        **render_kwargs,
+    )
+    if cfg.benchmark in ("MT10", "MT25", "MT50"):
+        envs = gym.make_vec(f"Meta-World/{cfg.benchmark}", seed=seed, **kwargs)
+    else:
+        # The custom entry point seeds sub-env i with `seed + i` but treats seed 0 as "unseeded";
+        # shifting by one keeps every seed, 0 included, deterministic.
+        envs = gym.make_vec("Meta-World/custom-mt-envs", envs_list=list(cfg.tasks), seed=seed + 1, **kwargs)
+    if evaluation:
+        # Pseudorandom goal selection only advances through the goal list when this is on.
+        envs.call("toggle_sample_tasks_on_reset", True)
+    return MetaWorldBackend(envs, task_names(cfg))
+
+
+class MetaWorldBackend(VectorEnvBackend):
+    """Meta-World's vector envs; the state is Meta-World's checkpoint format without its pickles.
+
+    Meta-World stores each goal ("task") as a pickle. The state keeps only the order of the goals,
+    as positions in their sorted serialised form, so that loading never unpickles data that came
+    from a file: the goals themselves are rebuilt from the seed when the envs are made.
+    """
+
+    def _save(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        state = {k: v for k, v in ckpt.items() if k != "tasks"}
+        canonical = sorted(t["data"] for t in ckpt["tasks"])
+        state["task_order"] = [canonical.index(t["data"]) for t in ckpt["tasks"]]
+        return state
+
+    def _load(self, live: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+        restored = {**live, **{k: v for k, v in saved.items() if k != "task_order"}}
+        canonical = sorted(live["tasks"], key=lambda t: t["data"])
+        restored["tasks"] = [canonical[i] for i in saved["task_order"]]
+        return restored
+
+    def _goals(self, ckpt: dict[str, Any]) -> list[Any]:
+        # The goals are the tasks' random vectors; these pickles come from the live envs of this
+        # process, never from a file.
+        return [pickle.loads(base64.b64decode(t["data"]))["rand_vec"] for t in ckpt["tasks"]]
