@@ -188,6 +188,31 @@ CASES = [
         "train.total_steps",
         (write("bad.yaml", "train:\n  total_steps: null\n"),),
     ),
+    # --- presets built on others (`defaults:`) ---
+    Case(
+        "base preset missing",
+        ("train", "--config", "bad.yaml"),
+        "bad.yaml: defaults: base preset not found: base/absent.yaml",
+        (write("bad.yaml", "defaults: [base/absent.yaml]\n"),),
+    ),
+    Case(
+        "base presets in a cycle",
+        ("train", "--config", "a.yaml"),
+        "b.yaml: defaults: cycle a.yaml -> b.yaml -> a.yaml",
+        (write("a.yaml", "defaults: [b.yaml]\n"), write("b.yaml", "defaults: [a.yaml]\nseed: 1\n")),
+    ),
+    Case(
+        "defaults not a list",
+        ("train", "--config", "bad.yaml"),
+        "bad.yaml: defaults must be a list of preset files (relative to the preset's directory), found 'good.yaml'",
+        (write("bad.yaml", "defaults: good.yaml\n"),),
+    ),
+    Case(
+        "bad key in a base preset",
+        ("train", "--config", "bad.yaml"),
+        "bach_per_task",
+        (write("bad.yaml", "defaults: [base.yaml]\n"), write("base.yaml", "train:\n  bach_per_task: 3\n")),
+    ),
     # --- dotted overrides ---
     Case("unknown override key", (*GOOD, "train.total_stepz=5"), "total_stepz"),
     Case("unknown override section", (*GOOD, "nosuch.key=1"), "nosuch"),
@@ -203,6 +228,16 @@ CASES = [
     Case("negative warm-up", (*GOOD, "train.warmup_steps=-1"), "train.warmup_steps must be >= 0, found -1"),
     Case("negative seed", (*GOOD, "seed=-3"), "seed must be >= 0, found -3"),
     Case("cagrad c below 0", (*GOOD, "combiner.name=cagrad", "combiner.c=-0.5"), "`c` must be >= 0, found -0.5"),
+    Case(
+        "another combiner's hyper-parameter",
+        (*GOOD, "combiner.name=cagrad", "combiner.lam=0.3"),
+        "combiner: unknown hyper-parameter 'lam' for combiner 'cagrad'; accepted: c, rescale, solver",
+    ),
+    Case(
+        "ill-typed hyper-parameter",
+        (*GOOD, "combiner.name=sdmgrad_os", "combiner.n=four"),
+        "combiner.n",
+    ),
     Case(
         "conicgrad c above 1",
         (*GOOD, "combiner.name=conicgrad", "combiner.c=1.5"),
