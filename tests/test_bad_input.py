@@ -239,6 +239,11 @@ CASES = [
         "combiner.n",
     ),
     Case(
+        "--print-config with an impossible value",
+        ("train", "--config", "good.yaml", "--print-config", "train.total_steps=0"),
+        "train.total_steps must be > 0, found 0",
+    ),
+    Case(
         "conicgrad c above 1",
         (*GOOD, "combiner.name=conicgrad", "combiner.c=1.5"),
         "`c` must be in (0, 1], found 1.5",
@@ -445,3 +450,17 @@ def test_bad_input_in_a_real_process(case_id, tmp_path, finished_run):
     assert proc.stdout == ""
     assert _snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_print_config_on_resume_shows_the_saved_config_with_the_overrides_and_writes_nothing(
+    tmp_path, finished_run, monkeypatch, capsys
+):
+    _prepare(tmp_path, finished_run, Case("print", (), ""))
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert _main(["train", "--resume", RUN, "--print-config", "train.total_steps=120"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    saved = ckpt.load(LATEST)["config"]
+    assert printed == {**saved, "train": {**saved["train"], "total_steps": 120}, "run": {"dir": RUN}}
+    assert _snapshot(tmp_path) == before

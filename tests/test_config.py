@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import os
 import pickle
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from mtrl.cli import main
 from mtrl.combiners import COMBINERS, Combiner, HyperParameters
 from mtrl.combiners.base import check_number, hyper_parameter
 from mtrl.config import (
@@ -265,3 +267,14 @@ def test_a_typed_config_pickles_and_copies():
         assert again == cfg and type(again.combiner) is type(cfg.combiner)
         assert again.combiner.hyper_parameters() == {"lam": 0.6, "solver": "mtrl", "n": 6}
 
+
+# ----- mtrl train --print-config -------------------------------------------------------------------
+def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["combiner.c=0.7", "train.total_steps=1000"]
+    code = main(["train", "--config", str(CONFIGS / "mt10_cagrad.yaml"), "--print-config", *argv])
+    out = capsys.readouterr()
+    assert code == 0 and out.err == ""
+    assert yaml.safe_load(out.out) == to_dict(load_config(CONFIGS / "mt10_cagrad.yaml", argv))
+    assert "  c: 0.7\n" in out.out and "  lam:" not in out.out
+    assert os.listdir(tmp_path) == []
