@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from mtrl.config import ConfigError, describe_options
+from mtrl.config import Config, ConfigError, describe_options, to_yaml
 
 TRAIN_EPILOG = """\
 Overrides are dotted keys, e.g. `train.total_steps=100000 combiner.name=cagrad combiner.c=0.9`;
-lists are YAML, e.g. `env.tasks=[reach-v3,push-v3]`. Precedence: defaults < --config < overrides.
+lists are YAML, e.g. `env.tasks=[reach-v3,push-v3]`. Precedence: defaults < --config (a preset, on
+top of the presets its `defaults:` list names) < overrides; `--print-config` shows the result.
+The combiner's own keys depend on combiner.name: each is listed with the combiner it belongs to.
 
 Config keys:
 """
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint",
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit, building and writing nothing",
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
@@ -102,6 +109,11 @@ def _default_run_dir(config: Path | None) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _print_config(cfg: Config) -> int:
+    print(to_yaml(cfg), end="")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mtrl import checkpoint as ckpt
     from mtrl.config import load_config
@@ -114,11 +126,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if latest is None:
             raise ckpt.CheckpointError(f"no checkpoint to resume from in {args.resume}")
         cfg = load_config(None, [*args.overrides, f"run.dir={args.resume}"], base=ckpt.load(latest)["config"])
+        if args.print_config:
+            return _print_config(cfg)
         trainer = Trainer(cfg, args.resume, resume=True)
     else:
         if args.config is None:
             raise ConfigError("give --config PATH (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return _print_config(cfg)
         run_dir = Path(cfg.run.dir) if cfg.run.dir else _default_run_dir(args.config)
         cfg.run.dir = str(run_dir)
         if ckpt.latest_checkpoint(run_dir) is not None:

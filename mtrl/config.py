@@ -3,11 +3,17 @@
 Every field carries a `help` string; `mtrl train --help` prints them all. Unknown keys and
 ill-typed values are rejected by OmegaConf's structured configs; range checks live in
 `validate` so that every impossible value fails before anything is written.
+
+The `combiner` section holds the common keys of `CombinerConfig` plus the hyper-parameters of the
+chosen combiner only, typed as that combiner declares them (`combiner_section`). A preset may
+build on others through a `defaults:` list (`preset_layers`); docs/config.md describes both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,22 +65,50 @@ class AgentConfig:
 
 @dataclass
 class CombinerConfig:
-    name: str = _f(
-        "mean",
-        "gradient combiner: mean | cagrad | conicgrad | sdmgrad | sdmgrad_os | imgrad | mgda | pcgrad | nashmtl",
-    )
+    """The keys every combiner has; `combiner_section(name)` adds the hyper-parameters of combiner `name`."""
+
+    name: str = _f("mean", "gradient combiner")
     networks: list[str] = _f(["critic", "actor"], "which losses are combined: any of critic, actor, alpha")
     diagnostics_every: int = _f(1000, "updates between combiner diagnostics in TensorBoard (0 = never)")
-    c: float | None = _f(None, "cagrad/conicgrad/imgrad: c")
-    rescale: int | None = _f(None, "cagrad/imgrad: rescale divisor 0 | 1 | 2")
-    solver: str | None = _f(None, "cagrad/sdmgrad/sdmgrad_os: exact | mtrl (authors' Meta-World recipe)")
-    lam: float | None = _f(None, "sdmgrad/sdmgrad_os: lambda")
-    n: int | None = _f(None, "sdmgrad_os: expected number of tasks drawn per update")
-    variant: str | None = _f(None, "imgrad: paper | code")
 
     def hyper_parameters(self) -> dict[str, Any]:
-        fixed = {"name", "networks", "diagnostics_every"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in fixed and v is not None}
+        """The combiner's own keys and values: the one place its build arguments come from."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _COMMON_COMBINER_KEYS}
+
+
+_COMMON_COMBINER_KEYS = frozenset(f.name for f in dataclasses.fields(CombinerConfig))
+
+
+@functools.cache
+def combiner_section(name: str) -> type[CombinerConfig]:
+    """The `combiner` section of combiner `name`: CombinerConfig plus the hyper-parameters the combiner
+    declares (`mtrl.combiners`), with their types, defaults and help. A ValueError for an unknown name."""
+    from mtrl.combiners import combiner_class
+
+    parameters = combiner_class(name).Parameters
+    own = dataclasses.fields(parameters)
+    if not own:
+        return CombinerConfig
+    types = typing.get_type_hints(parameters)
+    fields = [
+        (f.name, types[f.name], field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        for f in own
+    ]
+    return dataclasses.make_dataclass(
+        f"{combiner_class(name).__name__}Config",
+        fields,
+        bases=(CombinerConfig,),
+        namespace={"__module__": __name__, "__reduce__": _reduce_section},
+    )
+
+
+def _reduce_section(section: CombinerConfig) -> tuple[Any, ...]:
+    # The generated classes are no module attributes: a pickle rebuilds them from the combiner's name.
+    return _rebuild_section, (dataclasses.asdict(section),)
+
+
+def _rebuild_section(values: dict[str, Any]) -> CombinerConfig:
+    return combiner_section(values["name"])(**values)
 
 
 @dataclass
@@ -177,31 +211,74 @@ def _check_sections(schema: DictConfig, layer: DictConfig) -> None:
             raise ConfigError(f"{key} must be a mapping of {key}.* keys, found {layer[key]!r}")
 
 
+def preset_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The mappings preset `path` stands for, lowest first: the presets its `defaults:` list names (paths
+    relative to `path`'s directory, each with its own bases), then its own keys. `chain` is the presets
+    that led here, for the messages and to refuse cycles."""
+    what = f"{chain[-1]}: defaults: base preset" if chain else "config file"
+    data = read_yaml(path, what)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+    bases = data.pop("defaults", [])
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"{path}: defaults must be a list of preset files (relative to the preset's directory), found {bases!r}"
+        )
+    layers: list[dict[str, Any]] = []
+    for entry in bases:
+        base = path.parent / entry
+        if any(base.resolve() == seen.resolve() for seen in (*chain, path)):
+            raise ConfigError(f"{path}: defaults: cycle {' -> '.join(map(str, (*chain, path, base)))}")
+        layers += preset_layers(base, (*chain, path))
+    return [*layers, data]
+
+
+def _typed_combiner(combiner: dict[str, Any]) -> type[CombinerConfig]:
+    """The section class of the combiner `combiner` names, once its hyper-parameter keys are checked.
+
+    A null hyper-parameter is unset, so the combiner's default applies: it is dropped from `combiner`. This
+    also loads configs saved before the section was typed per combiner (config.yaml in run
+    directories, the config inside checkpoints): they hold every combiner's keys, null where unset.
+    """
+    from mtrl.combiners import check_hyper_parameter_names
+
+    name = combiner["name"]
+    for key in [k for k, v in combiner.items() if v is None and k not in _COMMON_COMBINER_KEYS]:
+        del combiner[key]
+    try:
+        section = combiner_section(name)
+        check_hyper_parameter_names(name, [k for k in combiner if k not in _COMMON_COMBINER_KEYS])
+    except ValueError as err:
+        raise ConfigError(f"combiner: {err}") from None
+    return section
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults < `base` (a saved config) < YAML preset < dotted overrides, then validated."""
+    """Defaults < `base` (a saved config) < YAML preset (after its bases) < dotted overrides, then validated."""
     schema = OmegaConf.structured(Config)
-    layers: list[DictConfig] = [] if base is None else [OmegaConf.create(base)]
+    sources: list[dict[str, Any]] = [] if base is None else [base]
     if path is not None:
-        data = read_yaml(Path(path), "config file")
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+        sources += preset_layers(Path(path))
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        if path is not None:
-            layers.append(OmegaConf.create(data))
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers = [*map(OmegaConf.create, sources), OmegaConf.from_dotlist(list(overrides))]
         for layer in layers:
             _check_sections(schema, layer)
-        merged = OmegaConf.merge(schema, *layers)
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        # First every key but the combiner's own (which stay untyped), to learn which combiner it is;
+        # then everything again, on the schema of that combiner's section.
+        OmegaConf.set_struct(schema.combiner, False)
+        merged = typing.cast(dict[str, Any], OmegaConf.to_container(OmegaConf.merge(schema, *layers), resolve=True))
+        section = _typed_combiner(merged["combiner"])
+        typed = OmegaConf.merge(OmegaConf.structured(Config(combiner=section())), merged)
+        cfg: Config = OmegaConf.to_object(typed)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {_one_line(err)}") from None
     validate(cfg)
@@ -232,7 +309,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
-    from mtrl.combiners import make_combiner  # local: keeps config import light
+    from mtrl.combiners import check_hyper_parameters  # local: keeps config import light
 
     _check(cfg.seed >= 0, f"seed must be >= 0, found {cfg.seed}")
     _check(
@@ -283,7 +360,7 @@ def validate(cfg: Config) -> None:
         f"combiner.diagnostics_every must be >= 0, found {comb.diagnostics_every}",
     )
     try:
-        make_combiner(comb.name, **comb.hyper_parameters())
+        check_hyper_parameters(comb.name, comb.hyper_parameters())
     except ValueError as err:
         raise ConfigError(f"combiner: {err}") from None
     _choice("optimizer.name", cfg.optimizer.name, ("adam", "adatask"))
@@ -315,8 +392,26 @@ def validate(cfg: Config) -> None:
 
 
 def describe_options() -> str:
-    """Every config key with its type, default and help: the body of `mtrl train --help`."""
+    """Every config key with its type, default and help: the body of `mtrl train --help`.
+
+    The combiner's own keys are listed for each combiner, marked with the `combiner.name` they belong to.
+    """
+    from mtrl.combiners import COMBINERS
+
     lines: list[str] = []
+
+    def describe(key: str, f: dataclasses.Field[Any], owner: str = "") -> None:
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        help_text = f.metadata.get("help", "")
+        if key == "combiner.name":
+            help_text += f": {' | '.join(COMBINERS)}"
+        kind = f.type.__name__ if type(f.type) is type else str(f.type)  # a class, or an annotation's text
+        lines.append(f"  {key} ({kind}, default {default}{owner}): {help_text}")
 
     def walk(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
@@ -324,13 +419,11 @@ def describe_options() -> str:
             if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
                 walk(globals()[f.type] if isinstance(f.type, str) else f.type, key + ".")
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = repr(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                default = repr(f.default_factory())
-            else:
-                default = "required"
-            lines.append(f"  {key} ({f.type}, default {default}): {f.metadata.get('help', '')}")
+            describe(key, f)
+        if cls is CombinerConfig:
+            for name, combiner in COMBINERS.items():
+                for f in dataclasses.fields(combiner.Parameters):
+                    describe(f"{prefix}{f.name}", f, f", combiner.name={name}")
 
     walk(Config, "")
     return "\n".join(lines)

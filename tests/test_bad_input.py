@@ -188,6 +188,31 @@ CASES = [
         "train.total_steps",
         (write("bad.yaml", "train:\n  total_steps: null\n"),),
     ),
+    # --- presets built on others (`defaults:`) ---
+    Case(
+        "base preset missing",
+        ("train", "--config", "bad.yaml"),
+        "bad.yaml: defaults: base preset not found: base/absent.yaml",
+        (write("bad.yaml", "defaults: [base/absent.yaml]\n"),),
+    ),
+    Case(
+        "base presets in a cycle",
+        ("train", "--config", "a.yaml"),
+        "b.yaml: defaults: cycle a.yaml -> b.yaml -> a.yaml",
+        (write("a.yaml", "defaults: [b.yaml]\n"), write("b.yaml", "defaults: [a.yaml]\nseed: 1\n")),
+    ),
+    Case(
+        "defaults not a list",
+        ("train", "--config", "bad.yaml"),
+        "bad.yaml: defaults must be a list of preset files (relative to the preset's directory), found 'good.yaml'",
+        (write("bad.yaml", "defaults: good.yaml\n"),),
+    ),
+    Case(
+        "bad key in a base preset",
+        ("train", "--config", "bad.yaml"),
+        "bach_per_task",
+        (write("bad.yaml", "defaults: [base.yaml]\n"), write("base.yaml", "train:\n  bach_per_task: 3\n")),
+    ),
     # --- dotted overrides ---
     Case("unknown override key", (*GOOD, "train.total_stepz=5"), "total_stepz"),
     Case("unknown override section", (*GOOD, "nosuch.key=1"), "nosuch"),
@@ -203,6 +228,21 @@ CASES = [
     Case("negative warm-up", (*GOOD, "train.warmup_steps=-1"), "train.warmup_steps must be >= 0, found -1"),
     Case("negative seed", (*GOOD, "seed=-3"), "seed must be >= 0, found -3"),
     Case("cagrad c below 0", (*GOOD, "combiner.name=cagrad", "combiner.c=-0.5"), "`c` must be >= 0, found -0.5"),
+    Case(
+        "another combiner's hyper-parameter",
+        (*GOOD, "combiner.name=cagrad", "combiner.lam=0.3"),
+        "combiner: unknown hyper-parameter 'lam' for combiner 'cagrad'; accepted: c, rescale, solver",
+    ),
+    Case(
+        "ill-typed hyper-parameter",
+        (*GOOD, "combiner.name=sdmgrad_os", "combiner.n=four"),
+        "combiner.n",
+    ),
+    Case(
+        "--print-config with an impossible value",
+        ("train", "--config", "good.yaml", "--print-config", "train.total_steps=0"),
+        "train.total_steps must be > 0, found 0",
+    ),
     Case(
         "conicgrad c above 1",
         (*GOOD, "combiner.name=conicgrad", "combiner.c=1.5"),
@@ -410,3 +450,17 @@ def test_bad_input_in_a_real_process(case_id, tmp_path, finished_run):
     assert proc.stdout == ""
     assert _snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_print_config_on_resume_shows_the_saved_config_with_the_overrides_and_writes_nothing(
+    tmp_path, finished_run, monkeypatch, capsys
+):
+    _prepare(tmp_path, finished_run, Case("print", (), ""))
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert _main(["train", "--resume", RUN, "--print-config", "train.total_steps=120"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    saved = ckpt.load(LATEST)["config"]
+    assert printed == {**saved, "train": {**saved["train"], "total_steps": 120}, "run": {"dir": RUN}}
+    assert _snapshot(tmp_path) == before

@@ -35,9 +35,9 @@ class TestCAGrad(CombinerProperties):
     ]
 
     def check_weights(self, g, weights, seed):
-        combiner = self.make()
-        c = combiner.c
-        assert_solves_the_dual(g, weights, c, (1.0, 1 + c**2, 1 + c)[combiner.rescale])
+        parameters = self.make().parameters
+        c = parameters.c
+        assert_solves_the_dual(g, weights, c, (1.0, 1 + c**2, 1 + c)[parameters.rescale])
 
 
 class TestCAGradNoRescale(TestCAGrad):

@@ -35,7 +35,7 @@ class TestConicGrad(CombinerProperties):
     ]
 
     def check_weights(self, g, weights, seed):
-        assert_solves_the_primal(g, g.T @ weights, self.make().c)
+        assert_solves_the_primal(g, g.T @ weights, self.make().parameters.c)
 
 
 class TestConicGradWideCone(TestConicGrad):

@@ -33,11 +33,11 @@ class TestIMGradPaper(CombinerProperties):
     ]
 
     def check_weights(self, g, weights, seed):
-        combiner = self.make()
-        c, rescale = combiner.c, combiner.rescale
+        parameters = self.make().parameters
+        c, rescale = parameters.c, parameters.rescale
         dual, scale = conflict_averse_dual(g, weights, (1.0, 1 + c**2, 1 + c)[rescale])
         assert scale == pytest.approx(c * np.linalg.norm(g.mean(0)) / np.linalg.norm(g.T @ dual), rel=1e-12)
-        dual_objective(g, c, combiner.variant).assert_minimised_at(dual, SOLVER_ACCURACY)
+        dual_objective(g, c, parameters.variant).assert_minimised_at(dual, SOLVER_ACCURACY)
 
 
 class TestIMGradCode(TestIMGradPaper):

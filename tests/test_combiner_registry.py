@@ -1,9 +1,22 @@
 """The registry and `make_combiner`: names, hyper-parameters and the errors a config author sees."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
-from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.combiners import (
+    COMBINERS,
+    HyperParameters,
+    check_hyper_parameter_names,
+    check_hyper_parameters,
+    make_combiner,
+)
+from mtrl.combiners.cagrad import CAGradParameters
+from mtrl.combiners.sdmgrad import SDMGradParameters
+
+TESTS = Path(__file__).parent
 
 DEFAULTS = {
     "mean": {},
@@ -19,18 +32,45 @@ DEFAULTS = {
 
 
 def test_registry_names_and_defaults():
-    assert set(COMBINERS) == set(DEFAULTS)
+    """The combiners shipped so far keep their names and defaults; any combiner comes with its test file."""
+    assert set(DEFAULTS) <= set(COMBINERS)
+    assert all((TESTS / f"test_combiner_{name}.py").is_file() for name in COMBINERS)
     for name, defaults in DEFAULTS.items():
         assert make_combiner(name).hyper_parameters == defaults
+        assert dataclasses.asdict(check_hyper_parameters(name, {})) == defaults
+
+
+def test_each_combiner_declares_its_hyper_parameters_as_a_frozen_dataclass():
+    for name, combiner in COMBINERS.items():
+        parameters = combiner.Parameters
+        assert issubclass(parameters, HyperParameters) and parameters.__dataclass_params__.frozen, name
+        assert all(f.metadata.get("help") for f in dataclasses.fields(parameters)), name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            parameters().c = 1.0  # type: ignore[attr-defined]
+
+
+def test_checking_hyper_parameters_gives_their_checked_values():
+    assert check_hyper_parameters("cagrad", {"c": 1, "solver": "mtrl"}) == CAGradParameters(c=1.0, solver="mtrl")
+    assert isinstance(check_hyper_parameters("cagrad", {"c": 1}).c, float)
+    assert make_combiner("sdmgrad", lam=0.2).parameters == SDMGradParameters(lam=0.2)
+    check_hyper_parameter_names("sdmgrad_os", ["n", "lam"])
+    with pytest.raises(ValueError, match="^unknown hyper-parameter 'c' for combiner 'sdmgrad_os'; accepted: lam, "):
+        check_hyper_parameter_names("sdmgrad_os", ["n", "c"])
+    with pytest.raises(ValueError, match="^unknown combiner 'fancy'"):
+        check_hyper_parameters("fancy", {})
+
+
+def test_a_combiner_takes_only_its_own_hyper_parameters_type():
+    with pytest.raises(TypeError) as info:
+        COMBINERS["sdmgrad_os"](SDMGradParameters())
+    assert str(info.value) == "SDMGradOS takes SDMGradOSParameters, found SDMGradParameters"
 
 
 def test_unknown_name_lists_the_choices():
     with pytest.raises(ValueError) as info:
         make_combiner("foo")
-    assert str(info.value) == (
-        "unknown combiner 'foo'; choose from: "
-        "cagrad, conicgrad, imgrad, mean, mgda, nashmtl, pcgrad, sdmgrad, sdmgrad_os"
-    )
+    assert str(info.value) == f"unknown combiner 'foo'; choose from: {', '.join(sorted(COMBINERS))}"
+    assert set(DEFAULTS) <= set(str(info.value).split("choose from: ")[1].split(", "))
 
 
 def test_unknown_hyper_parameter_names_it_and_the_accepted_ones():

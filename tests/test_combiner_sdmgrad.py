@@ -32,7 +32,7 @@ class TestSDMGrad(CombinerProperties):
     ]
 
     def check_weights(self, g, weights, seed):
-        assert_solves_the_dual(g, weights, self.make().lam)
+        assert_solves_the_dual(g, weights, self.make().parameters.lam)
 
 
 class TestSDMGradSmallLambda(TestSDMGrad):

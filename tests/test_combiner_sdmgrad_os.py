@@ -29,7 +29,7 @@ class TestSDMGradOS(CombinerProperties):
 
     def check_weights(self, g, weights, seed):
         # Given its rows, the update is SDMGrad's on them.
-        assert_solves_the_dual(g, weights, self.make().lam)
+        assert_solves_the_dual(g, weights, self.make().parameters.lam)
 
 
 def sampled_reference(

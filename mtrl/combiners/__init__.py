@@ -1,15 +1,18 @@
 """Gradient combiners: the K×n matrix of per-task gradients in, one update direction out.
 
-`make_combiner(name, **hyper_parameters)` builds one from the registry `COMBINERS`; the maths of
-each is in docs/combiners.md.
+The registry `COMBINERS` maps each name to its class, one line per combiner. `check_hyper_parameter_names`
+and `check_hyper_parameters` check a combiner's hyper-parameters without building it (what the run
+configuration does); `make_combiner(name, **hyper_parameters)` builds one. The maths of each is in
+docs/combiners.md.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mtrl.combiners.base import Combiner
+from mtrl.combiners.base import Combiner, HyperParameters
 from mtrl.combiners.cagrad import CAGrad
 from mtrl.combiners.conicgrad import ConicGrad
 from mtrl.combiners.imgrad import IMGrad
@@ -20,7 +23,15 @@ from mtrl.combiners.pcgrad import PCGrad
 from mtrl.combiners.sdmgrad import SDMGrad
 from mtrl.combiners.sdmgrad_os import SDMGradOS
 
-__all__ = ["COMBINERS", "Combiner", "make_combiner"]
+__all__ = [
+    "COMBINERS",
+    "Combiner",
+    "HyperParameters",
+    "check_hyper_parameter_names",
+    "check_hyper_parameters",
+    "combiner_class",
+    "make_combiner",
+]
 
 COMBINERS: dict[str, type[Combiner]] = {
     "mean": Mean,
@@ -35,16 +46,33 @@ COMBINERS: dict[str, type[Combiner]] = {
 }
 
 
-def make_combiner(name: str, **hyper_parameters: Any) -> Combiner:
-    """The combiner registered as `name`, built with `hyper_parameters` (defaults for the others)."""
+def combiner_class(name: str) -> type[Combiner]:
+    """The class registered as `name`, or a ValueError listing the names."""
     if name not in COMBINERS:
         raise ValueError(f"unknown combiner {name!r}; choose from: {', '.join(sorted(COMBINERS))}")
-    combiner = COMBINERS[name]
-    accepted = [parameter for parameter in inspect.signature(combiner.__init__).parameters if parameter != "self"]
-    unknown = sorted(set(hyper_parameters) - set(accepted))
+    return COMBINERS[name]
+
+
+def check_hyper_parameter_names(name: str, names: Iterable[str]) -> None:
+    """A ValueError naming those of `names` that combiner `name` does not take, and the ones it does."""
+    accepted = [field.name for field in dataclasses.fields(combiner_class(name).Parameters)]
+    unknown = sorted(set(names) - set(accepted))
     if unknown:
         raise ValueError(
             f"unknown hyper-parameter {', '.join(map(repr, unknown))} for combiner {name!r}; "
             f"accepted: {', '.join(accepted) if accepted else 'none'}"
         )
-    return combiner(**hyper_parameters)
+
+
+def check_hyper_parameters(name: str, values: Mapping[str, Any]) -> HyperParameters:
+    """The hyper-parameters of combiner `name` from `values` (defaults for the others), checked.
+
+    A ValueError names an unknown key (and the accepted ones) or a value out of range. Builds no combiner.
+    """
+    check_hyper_parameter_names(name, values)
+    return combiner_class(name).Parameters(**values)
+
+
+def make_combiner(name: str, **hyper_parameters: Any) -> Combiner:
+    """The combiner registered as `name`, built with `hyper_parameters` (defaults for the others)."""
+    return combiner_class(name)(check_hyper_parameters(name, hyper_parameters))

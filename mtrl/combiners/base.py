@@ -1,34 +1,66 @@
-"""The combiner interface, the Gramian it is computed from, and hyper-parameter checks.
+"""The combiner interface, the Gramian it is computed from, and hyper-parameter declarations and checks.
 
 A combiner is pure maths: the K×n matrix G of per-task gradients (row i = ∇L_i) in, one update
 vector d of length n out. Every method except `mean` reduces to task weights w computed from the
 K×K Gramian A = G Gᵀ, followed by d = Gᵀw (see docs/combiners.md#notation).
+
+Each combiner declares its hyper-parameters as a frozen dataclass (`HyperParameters`), which the
+run configuration reads for the keys, types, defaults and help of its `combiner` section
+(docs/config.md#combiner-keys).
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 
+def hyper_parameter(default: Any, help: str) -> Any:  # noqa: A002 - the config's name for it
+    """A field of a `HyperParameters` dataclass: its default, and the help `mtrl train --help` prints."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class HyperParameters:
+    """A combiner's hyper-parameters: one `hyper_parameter` field each, typed, in a frozen dataclass.
+
+    Building one checks the values (`__post_init__`, a ValueError naming the parameter) without
+    building the combiner. This base declares none: it is the `Parameters` of combiners without any.
+    """
+
+    def _store(self, name: str, value: Any) -> None:
+        """Keep the checked form of a value (e.g. 1 as 1.0); the dataclass is frozen after construction."""
+        object.__setattr__(self, name, value)
+
+
 class Combiner(ABC):
     """Maps per-task gradients G ([K, n]) to one update direction d ([n]) with d = Gᵀw.
 
-    Subclasses implement `weights`, which sees only the float64 Gramian. After each call,
-    `last_weights` holds the w that was used (in G's dtype), for diagnostics.
+    Subclasses implement `weights`, which sees only the float64 Gramian, and name their
+    hyper-parameters' dataclass as `Parameters`. After each call, `last_weights` holds the w that
+    was used (in G's dtype), for diagnostics.
     """
 
     needs_jacobian: ClassVar[bool] = True
     """False when the update is the plain mean, so one backward pass of mean_i L_i suffices."""
 
-    def __init__(self) -> None:
+    Parameters: ClassVar[type[HyperParameters]] = HyperParameters
+    """The dataclass of this combiner's hyper-parameters."""
+
+    def __init__(self, parameters: HyperParameters | None = None) -> None:
+        expected = type(self).Parameters
+        parameters = expected() if parameters is None else parameters
+        if type(parameters) is not expected:
+            raise TypeError(f"{type(self).__name__} takes {expected.__name__}, found {type(parameters).__name__}")
+        self.parameters = parameters
         self.last_weights: Tensor | None = None
 
     def __call__(self, matrix: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -49,9 +81,8 @@ class Combiner(ABC):
 
     @property
     def hyper_parameters(self) -> dict[str, Any]:
-        """The constructor's keyword arguments, as given or defaulted."""
-        names = inspect.signature(type(self).__init__).parameters
-        return {name: getattr(self, name) for name in names if name != "self"}
+        """The hyper-parameters by name, as given or defaulted."""
+        return dataclasses.asdict(self.parameters)
 
     def state_dict(self) -> dict[str, Any]:
         """State carried from one update to the next; empty for stateless combiners."""
@@ -71,8 +102,8 @@ def _one_thread(device: torch.device) -> Iterator[None]:
     """Run the K×K solve on one CPU thread.
 
     Its matrices are far too small to gain from threads, and on a busy CPU each tiny LAPACK call
-    that wakes MKL's OpenMP pool can stall for milliseconds (measured on 2 loaded cores, K = 50:
-    3 ms on one thread, 480 ms on two). The setting is process-wide, so it is restored at once.
+    that wakes the OpenMP thread pool can stall far longer than the call itself. The setting is
+    process-wide, so it is restored at once.
     """
     if device.type != "cpu":
         yield

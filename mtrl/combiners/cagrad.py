@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from mtrl.combiners import mtrl_recipe
-from mtrl.combiners.base import Combiner, check_choice, check_number, normalised, rescale_divisor
+from mtrl.combiners.base import (
+    Combiner,
+    HyperParameters,
+    check_choice,
+    check_number,
+    hyper_parameter,
+    normalised,
+    rescale_divisor,
+)
 from mtrl.combiners.simplex import SimplexProgram, minimize_on_simplex
 
 SOLVERS = ("exact", "mtrl")
 
 DEGENERATE_NORM = 1e-6
 """‖g_w*‖ below this (relative to the RMS task-gradient norm) means 0 ∈ conv{g_i}: g_w* has no direction."""
+
+
+@dataclass(frozen=True)
+class CAGradParameters(HyperParameters):
+    c: float = hyper_parameter(0.4, "radius of the ball around g0 the update stays in, relative to ‖g0‖; >= 0")
+    rescale: int = hyper_parameter(1, "final divisor 0 | 1 | 2: none, 1 + c², 1 + c")
+    solver: str = hyper_parameter("exact", "exact | mtrl (the authors' Meta-World recipe)")
+
+    def __post_init__(self) -> None:
+        self._store("c", check_number("c", self.c, low=0.0))
+        self._store("rescale", int(check_choice("rescale", self.rescale, (0, 1, 2))))
+        check_choice("solver", self.solver, SOLVERS)
 
 
 class CAGrad(Combiner):
@@ -26,30 +48,28 @@ class CAGrad(Combiner):
     (docs/combiners.md#cagrad), which divides by 1 + c², i.e. `rescale=1`.
     """
 
-    def __init__(self, c: float = 0.4, rescale: int = 1, solver: str = "exact") -> None:
-        super().__init__()
-        self.c = check_number("c", c, low=0.0)
-        self.rescale = int(check_choice("rescale", rescale, (0, 1, 2)))
-        self.solver = check_choice("solver", solver, SOLVERS)
+    Parameters = CAGradParameters
+    parameters: CAGradParameters
 
     def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         size = gramian.shape[0]
-        dual, scale = self._exact(gramian) if self.solver == "exact" else self._recipe(gramian)
-        return (1.0 / size + scale * dual) / rescale_divisor(self.c, self.rescale)
+        p = self.parameters
+        dual, scale = self._exact(gramian) if p.solver == "exact" else self._recipe(gramian)
+        return (1.0 / size + scale * dual) / rescale_divisor(p.c, p.rescale)
 
     def _exact(self, gramian: Tensor) -> tuple[Tensor, Tensor]:
         """(w*, λ) from the dual solved to convergence (the dual and λ are invariant to A's scale)."""
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
         mean_products = gramian.mean(1)  # g_wᵀg0 = wᵀ(A1/K)
-        radius = self.c * mean_products.mean().clamp(min=0).sqrt()  # c‖g0‖
+        radius = self.parameters.c * mean_products.mean().clamp(min=0).sqrt()  # c‖g0‖
         dual = minimize_on_simplex(SimplexProgram(size, mean_products, root_weight=radius, root_matrix=gramian))
         return dual, conflict_averse_scale(gramian, dual, radius)
 
     def _recipe(self, gramian: Tensor) -> tuple[Tensor, Tensor]:
         """(w, λ) by the authors' recipe: SGD on softmax logits of the scaled dual (docs/combiners.md#cagrad)."""
         scaled = mtrl_recipe.ScaledGramian.of(gramian)
-        radius = self.c * (scaled.mean + mtrl_recipe.EPSILON).sqrt()
+        radius = self.parameters.c * (scaled.mean + mtrl_recipe.EPSILON).sqrt()
 
         def objective(logits: Tensor) -> tuple[Tensor, Tensor]:
             w = logits.softmax(0)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from mtrl.combiners.base import Combiner, check_number, normalised
+from mtrl.combiners.base import Combiner, HyperParameters, check_number, hyper_parameter, normalised
 from mtrl.combiners.simplex import SimplexProgram, minimize_on_simplex
 
 NO_COMMON_ASCENT = 1e-10
 """σ* (and ‖g0‖) at or below this, relative to the RMS task-gradient norm, count as 0: then d = g0."""
+
+
+@dataclass(frozen=True)
+class ConicGradParameters(HyperParameters):
+    c: float = hyper_parameter(0.5, "cosine of the cone's half-angle around g0, in (0, 1]; 1 gives g0")
+
+    def __post_init__(self) -> None:
+        self._store("c", check_number("c", self.c, low=0.0, high=1.0, low_open=True))
 
 
 class ConicGrad(Combiner):
@@ -28,15 +38,15 @@ class ConicGrad(Combiner):
     cone helps every task and d = g0; c = 1 (the cone is the ray of g0) gives g0.
     """
 
-    def __init__(self, c: float = 0.5) -> None:
-        super().__init__()
-        self.c = check_number("c", c, low=0.0, high=1.0, low_open=True)
+    Parameters = ConicGradParameters
+    parameters: ConicGradParameters
 
     def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
+        c = self.parameters.c
         uniform = torch.full_like(gramian[0], 1.0 / size)
-        if self.c == 1.0:
+        if c == 1.0:
             return uniform
         mean_products = gramian.mean(1)  # g_iᵀg0
         mean_norm = mean_products.mean().clamp(min=0).sqrt()  # ‖g0‖
@@ -45,7 +55,7 @@ class ConicGrad(Combiner):
         extended = torch.cat(
             [torch.cat([gramian, unit_products[:, None]], 1), torch.cat([unit_products, uniform.new_ones(1)])[None]]
         )
-        linear = torch.cat([torch.zeros_like(uniform), uniform.new_full((1,), -self.c)])
+        linear = torch.cat([torch.zeros_like(uniform), uniform.new_full((1,), -c)])
         point = minimize_on_simplex(SimplexProgram(size, linear, root_weight=1.0, root_matrix=extended))
         w, eta = point[:size], point[size]
         length = (point @ extended @ point).clamp(min=0).sqrt()  # ‖g_w + ηĝ0‖
@@ -53,5 +63,5 @@ class ConicGrad(Combiner):
         cone_weights = (
             mean_norm / length.clamp(min=NO_COMMON_ASCENT) * (w + eta / (size * mean_norm.clamp(min=NO_COMMON_ASCENT)))
         )
-        helps = (length - self.c * eta > NO_COMMON_ASCENT) & (mean_norm > NO_COMMON_ASCENT)
+        helps = (length - c * eta > NO_COMMON_ASCENT) & (mean_norm > NO_COMMON_ASCENT)
         return torch.where(helps, cone_weights, uniform)

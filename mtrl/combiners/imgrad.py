@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from mtrl.combiners.base import Combiner, check_choice, check_number, normalised, rescale_divisor
+from mtrl.combiners.base import (
+    Combiner,
+    HyperParameters,
+    check_choice,
+    check_number,
+    hyper_parameter,
+    normalised,
+    rescale_divisor,
+)
 from mtrl.combiners.cagrad import DEGENERATE_NORM, conflict_averse_scale
 from mtrl.combiners.mgda import min_norm_weights
 from mtrl.combiners.simplex import SimplexProgram, minimize_on_simplex
 
 VARIANTS = ("paper", "code")
+
+
+@dataclass(frozen=True)
+class IMGradParameters(HyperParameters):
+    c: float = hyper_parameter(0.8, "CAGrad's radius c of the conflict-averse part; >= 0")
+    variant: str = hyper_parameter("paper", "paper (the paper's Eq. 8) | code (the authors' implementation)")
+    rescale: int = hyper_parameter(1, "final divisor 0 | 1 | 2: none, 1 + c², 1 + c")
+
+    def __post_init__(self) -> None:
+        self._store("c", check_number("c", self.c, low=0.0))
+        check_choice("variant", self.variant, VARIANTS)
+        self._store("rescale", int(check_choice("rescale", self.rescale, (0, 1, 2))))
 
 
 class IMGrad(Combiner):
@@ -24,18 +46,16 @@ class IMGrad(Combiner):
     duals are convex. When g_m = 0 the angle is undefined and cos θ is taken as 0.
     """
 
-    def __init__(self, c: float = 0.8, variant: str = "paper", rescale: int = 1) -> None:
-        super().__init__()
-        self.c = check_number("c", c, low=0.0)
-        self.variant = check_choice("variant", variant, VARIANTS)
-        self.rescale = int(check_choice("rescale", rescale, (0, 1, 2)))
+    Parameters = IMGradParameters
+    parameters: IMGradParameters
 
     def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        p = self.parameters
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
         mean_products = gramian.mean(1)  # g_wᵀg0 = wᵀ(A1/K)
         mean_norm = mean_products.mean().clamp(min=0).sqrt()
-        radius = self.c * mean_norm
+        radius = p.c * mean_norm
 
         min_norm = min_norm_weights(gramian)
         min_norm_length = (min_norm @ gramian @ min_norm).clamp(min=0).sqrt()
@@ -44,7 +64,7 @@ class IMGrad(Combiner):
             lengths > DEGENERATE_NORM**2, (min_norm @ mean_products) / lengths.clamp(min=DEGENERATE_NORM**2), 0.0
         ).clamp(0.0, 1.0)
 
-        if self.variant == "paper":
+        if p.variant == "paper":
             dual_program = SimplexProgram(
                 size,
                 (1 - cosine) * mean_products,
@@ -58,4 +78,4 @@ class IMGrad(Combiner):
             )
         dual = minimize_on_simplex(dual_program)
         scale = conflict_averse_scale(gramian, dual, radius)
-        return (1.0 / size + scale * dual) / rescale_divisor(self.c, self.rescale)
+        return (1.0 / size + scale * dual) / rescale_divisor(p.c, p.rescale)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl.combiners.base import Combiner
+from mtrl.combiners.base import Combiner, HyperParameters
 
 ITERATIONS = 25
 """Damped Newton steps: about 10 from a cold start, 3–5 warm, ~20 in the degenerate case."""
@@ -34,8 +34,8 @@ class NashMTL(Combiner):
     rows. `last_residual` holds max_i |α_i(Aα)_i − 1|, which exposes those cases.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, parameters: HyperParameters | None = None) -> None:
+        super().__init__(parameters)
         self.last_residual: Tensor | None = None
         self._start: Tensor | None = None
 

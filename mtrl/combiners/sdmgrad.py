@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from mtrl.combiners import mtrl_recipe
-from mtrl.combiners.base import Combiner, check_choice, check_number, normalised
+from mtrl.combiners.base import Combiner, HyperParameters, check_choice, check_number, hyper_parameter, normalised
 from mtrl.combiners.simplex import SimplexProgram, minimize_on_simplex, project_onto_simplex
 
 SOLVERS = ("exact", "mtrl")
+
+
+@dataclass(frozen=True)
+class SDMGradParameters(HyperParameters):
+    lam: float = hyper_parameter(0.6, "λ, the pull towards g0 (0: MGDA, large: the mean); >= 0")
+    solver: str = hyper_parameter("exact", "exact | mtrl (the authors' Meta-World recipe)")
+
+    def __post_init__(self) -> None:
+        self._store("lam", check_number("lam", self.lam, low=0.0))
+        check_choice("solver", self.solver, SOLVERS)
 
 
 class SDMGrad(Combiner):
@@ -20,26 +32,25 @@ class SDMGrad(Combiner):
     the uniform start as its best iterate and then returns exactly g0 (faithful, not a bug).
     """
 
-    def __init__(self, lam: float = 0.6, solver: str = "exact") -> None:
-        super().__init__()
-        self.lam = check_number("lam", lam, low=0.0)
-        self.solver = check_choice("solver", solver, SOLVERS)
+    Parameters = SDMGradParameters
+    parameters: SDMGradParameters
 
     def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         size = gramian.shape[0]
-        dual = self._exact(gramian) if self.solver == "exact" else self._recipe(gramian)
-        return (dual + self.lam / size) / (1 + self.lam)
+        lam = self.parameters.lam
+        dual = self._exact(gramian) if self.parameters.solver == "exact" else self._recipe(gramian)
+        return (dual + lam / size) / (1 + lam)
 
     def _exact(self, gramian: Tensor) -> Tensor:
         # ½‖g_w + λg0‖² = ½wᵀAw + λ wᵀ(A1/K) + const; scale-free, so A may be normalised.
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
-        return minimize_on_simplex(SimplexProgram(size, self.lam * gramian.mean(1), quadratic=gramian))
+        return minimize_on_simplex(SimplexProgram(size, self.parameters.lam * gramian.mean(1), quadratic=gramian))
 
     def _recipe(self, gramian: Tensor) -> Tensor:
         """Projected SGD on obj = wᵀÂw + 2λwᵀb + λ²gg from w = 1/K (docs/combiners.md#sdmgrad)."""
         scaled = mtrl_recipe.ScaledGramian.of(gramian)
-        lam = self.lam
+        lam = self.parameters.lam
 
         def objective(w: Tensor) -> tuple[Tensor, Tensor]:
             pulled = scaled.matrix @ w

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from mtrl.combiners.base import check_number
-from mtrl.combiners.sdmgrad import SDMGrad
+from mtrl.combiners.base import check_number, hyper_parameter
+from mtrl.combiners.sdmgrad import SDMGrad, SDMGradParameters
+
+
+@dataclass(frozen=True)
+class SDMGradOSParameters(SDMGradParameters):
+    n: int = hyper_parameter(4, "expected number of tasks drawn per update (each with probability n/K); >= 1")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store("n", check_number("n", self.n, low=1, integer=True))
 
 
 class SDMGradOS(SDMGrad):
@@ -17,14 +28,13 @@ class SDMGradOS(SDMGrad):
     uses SGD learning rate 50 for every K here (docs/combiners.md#sdmgrad-os).
     """
 
-    def __init__(self, lam: float = 0.6, n: int = 4, solver: str = "exact") -> None:
-        super().__init__(lam=lam, solver=solver)
-        self.n = check_number("n", n, low=1, integer=True)
+    Parameters = SDMGradOSParameters
+    parameters: SDMGradOSParameters
 
     def select_tasks(self, num_tasks: int, generator: torch.Generator) -> Tensor:
         """Sorted indices of the drawn tasks; drawn again while none is drawn."""
         check_number("num_tasks", num_tasks, low=1, integer=True)
-        probability = min(1.0, self.n / num_tasks)
+        probability = min(1.0, self.parameters.n / num_tasks)
         while True:
             drawn = torch.rand(num_tasks, generator=generator, device=generator.device) < probability
             if drawn.any():

@@ -16,7 +16,7 @@ host synchronisation: fixed iteration counts, and `torch.where` instead of branc
 
 The cost is one small Cholesky factorisation and ~100 (quadratic) or ~300 (with a norm) tiny tensor
 operations per iteration, independent of K ≤ 50: on a CPU the solve is bound by per-operation
-overhead (≈3 ms and ≈9 ms on two cores), on a GPU by kernel launches.
+overhead, on a GPU by kernel launches.
 """
 
 from __future__ import annotations
