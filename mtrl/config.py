@@ -33,9 +33,6 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors a
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
-BENCHMARKS = ("MT1", "MT10", "MT25", "MT50", "custom", "toy")
-
-
 @dataclass
 class EnvConfig:
     benchmark: str = _f("MT10", "MT1 | MT10 | MT25 | MT50 | custom | toy (built-in, no MuJoCo)")
