@@ -20,7 +20,6 @@ Checkpoints fall on episode boundaries and hold the buffer, so resuming is exact
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import mmap
@@ -42,6 +41,7 @@ import pytest
 import torch
 
 from mtrl import checkpoint as ckpt
+from mtrl.callbacks import Callback
 from mtrl.cli import main
 from mtrl.config import load_config
 from mtrl.logger import METRICS_FILE
@@ -80,32 +80,22 @@ def _instrumented_main(argv: list[str]) -> int:
     """`mtrl.cli.main(argv)`, recording the current phase and how often each began in shared memory."""
     fd = os.open(os.environ[PHASE_ENV], os.O_RDWR)
     shared = mmap.mmap(fd, PROBE_SIZE)
+    codes = {"update": UPDATE, "eval": EVAL, "checkpoint": WRITE, "restore": RESTORE}
 
-    def mark(code: int, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            previous = shared[0]
-            struct.pack_into("<I", shared, 8 + 4 * code, struct.unpack_from("<I", shared, 8 + 4 * code)[0] + 1)
-            shared[0] = code
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                shared[0] = previous
+    class RecordPhases(Callback):
+        def __init__(self):
+            self.outer: list[int] = []  # the phases this one interrupted
 
-        return wrapper
+        def on_phase(self, phase: str, entering: bool) -> None:
+            if entering:
+                code = codes[phase]
+                struct.pack_into("<I", shared, 8 + 4 * code, struct.unpack_from("<I", shared, 8 + 4 * code)[0] + 1)
+                self.outer.append(shared[0])
+                shared[0] = code
+            else:
+                shared[0] = self.outer.pop()
 
-    import mtrl.checkpoint
-    import mtrl.evaluation
-    import mtrl.sac
-    import mtrl.trainer
-
-    mtrl.sac.MTSAC.update = mark(UPDATE, mtrl.sac.MTSAC.update)
-    mtrl.evaluation.Evaluator.__call__ = mark(EVAL, mtrl.evaluation.Evaluator.__call__)
-    mtrl.checkpoint.atomic_save = mark(WRITE, mtrl.checkpoint.atomic_save)
-    mtrl.trainer.Trainer._restore = mark(RESTORE, mtrl.trainer.Trainer._restore)
-    from mtrl.cli import main
-
-    return main(argv)
+    return main(argv, callbacks=[RecordPhases()])
 
 
 # ----- the test side --------------------------------------------------------------------------

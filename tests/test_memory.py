@@ -37,18 +37,18 @@ def _rss() -> int:
 def _measure(mode: str, run: Path) -> dict:
     from tqdm import tqdm
 
-    import mtrl.trainer
+    import mtrl.build
     from mtrl.trainer import Callback, Trainer
     from tests.conftest import toy_config
 
     made = []
-    make_envs = mtrl.trainer.make_envs
+    make_envs = mtrl.build.make_envs
 
     def counted_make_envs(cfg, seed, evaluation, **kwargs):
         made.append(evaluation)
         return make_envs(cfg, seed, evaluation, **kwargs)
 
-    mtrl.trainer.make_envs = counted_make_envs
+    mtrl.build.make_envs = counted_make_envs
     if mode == "training":
         # The whole loop (collect, update, evaluate, log, checkpoint), sampled at every evaluation.
         cfg = toy_config(run, "train.total_steps=300", "eval.every=3", "eval.episodes=1", "checkpoint.every=100")
