@@ -66,6 +66,8 @@ class _Episode:
 
 
 class Trainer:
+    """One run: `parts` (built from the config, see `mtrl.build`) and `progress` (the loop's state)."""
+
     def __init__(self, cfg: Config, run_dir: Path, resume: bool | RunState = False, callbacks: Sequence[Callback] = ()):
         """A run of `cfg` in `run_dir`; `resume`: continue from its latest checkpoint (or from this state)."""
         self.cfg, self.run_dir, self.callbacks = cfg, Path(run_dir), list(callbacks)
