@@ -448,11 +448,11 @@ class BaselineRun:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         import torch
 
+        from mtrl.build import resolve_device, set_cpu_threads
         from mtrl.checkpoint import CheckpointError
         from mtrl.envs import make_backend, task_names
         from mtrl.envs.vector import VectorEnvBackend
         from mtrl.evaluation import Evaluator
-        from mtrl.trainer import resolve_device, set_cpu_threads
 
         check_supported(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)

@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 
 from mtrl.buffer import Batch
+from mtrl.build import set_cpu_threads
 from mtrl.combiners import COMBINERS, make_combiner
 from mtrl.config import AgentConfig, ConfigError
 from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian
 from mtrl.sac import MTSAC
-from mtrl.trainer import set_cpu_threads
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
 

@@ -1,4 +1,6 @@
-"""Atomic checkpoints with keep-last-N and best-by-success, loaded without executing code.
+"""Checkpoint files: atomic writes, keep-last-N and best-by-success, loads that execute no code.
+
+This module handles files only; what a checkpoint holds is `mtrl.runstate`'s business.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk, then
 renamed over its final name: a reader sees either the previous file or the complete new one,
@@ -57,15 +59,22 @@ def atomic_save(obj: Any, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def resolve(path: str | Path) -> Path:
+    """`path` itself, or the latest periodic checkpoint when it is a run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint found in {path}")
+    return latest
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dictionary in a checkpoint file (or the latest of a run directory); see `mtrl.runstate` for its contents."""
     import torch
 
-    path = Path(path)
-    if path.is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint found in {path}")
-        path = latest
+    path = resolve(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtrl.config import Config, ConfigError, describe_options, to_yaml
+
+if TYPE_CHECKING:
+    from mtrl.callbacks import Callback
 
 TRAIN_EPILOG = """\
 Overrides are dotted keys, e.g. `train.total_steps=100000 combiner.name=cagrad combiner.c=0.9`;
@@ -114,21 +121,22 @@ def _print_config(cfg: Config) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from mtrl import checkpoint as ckpt
-    from mtrl.config import load_config
+def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    from mtrl.callbacks import phase
+    from mtrl.checkpoint import latest_checkpoint
+    from mtrl.config import load_config, to_dict
+    from mtrl.runstate import load_latest
     from mtrl.trainer import Trainer
 
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--resume takes the config saved in the run; drop --config (overrides are allowed)")
-        latest = ckpt.latest_checkpoint(args.resume)
-        if latest is None:
-            raise ckpt.CheckpointError(f"no checkpoint to resume from in {args.resume}")
-        cfg = load_config(None, [*args.overrides, f"run.dir={args.resume}"], base=ckpt.load(latest)["config"])
+        with phase(callbacks, "restore"):
+            saved = load_latest(args.resume)
+        cfg = load_config(None, [*args.overrides, f"run.dir={args.resume}"], base=to_dict(saved.config))
         if args.print_config:
             return _print_config(cfg)
-        trainer = Trainer(cfg, args.resume, resume=True)
+        trainer = Trainer(cfg, args.resume, resume=saved, callbacks=callbacks)
     else:
         if args.config is None:
             raise ConfigError("give --config PATH (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
@@ -136,30 +144,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.print_config:
             return _print_config(cfg)
         run_dir = Path(cfg.run.dir) if cfg.run.dir else _default_run_dir(args.config)
-        cfg.run.dir = str(run_dir)
-        if ckpt.latest_checkpoint(run_dir) is not None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
+        if latest_checkpoint(run_dir) is not None:
             raise ConfigError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another run.dir"
             )
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, callbacks=callbacks)
     print(f"run directory: {trainer.run_dir}", file=sys.stderr)
     return trainer.train()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mtrl.checkpoint import load
-    from mtrl.config import config_from_dict
+    from mtrl.build import resolve_device
     from mtrl.envs import make_backend
     from mtrl.evaluation import Evaluator
-    from mtrl.policy import Policy, build_actor
-    from mtrl.trainer import resolve_device
+    from mtrl.policy import Policy
+    from mtrl.runstate import load
 
     if args.episodes is not None and args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, found {args.episodes}")
     device = resolve_device(args.device)
-    state = load(args.checkpoint, map_location=device)
-    policy = Policy(build_actor(state, device), device)
-    cfg = config_from_dict(state["config"])
+    saved = load(args.checkpoint, map_location=device)
+    policy = Policy(saved.actor(device), device)
+    cfg = saved.config
     seed = cfg.seed if args.seed is None else args.seed
     if args.video is not None:
         from mtrl import video
@@ -185,7 +192,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_update_bench(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """Run the command line `argv`; `callbacks` hook into training (the train command only)."""
     from mtrl.checkpoint import CheckpointError
     from mtrl.logger import setup_console
     from mtrl.trainer import TrainingError
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtrl import baseline, report, sweep
 
     commands = {
-        "train": cmd_train,
+        "train": functools.partial(cmd_train, callbacks=callbacks),
         "eval": cmd_eval,
         "bench": cmd_bench,
         "baseline": baseline.run,

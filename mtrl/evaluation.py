@@ -15,11 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from mtrl.envs.vector import reported  # noqa: F401 - transitional: the trainer imports it from here
-
 if TYPE_CHECKING:
-    import gymnasium as gym
-
     from mtrl.envs import EnvBackend
 
 
@@ -101,20 +97,11 @@ class Evaluator:
     next evaluation would start mid-sweep and repeat some goals while skipping others.
     """
 
-    def __init__(self, backend: EnvBackend, episodes: int, *transitional: int):
-        if transitional:  # transitional: the trainer's `Evaluator(vector_env, task_names, episodes)`
-            from mtrl.envs import backend_of
-
-            backend, episodes = backend_of(backend), transitional[0]  # type: ignore[arg-type]
+    def __init__(self, backend: EnvBackend, episodes: int):
         if episodes < 1:
             raise ValueError(f"episodes must be >= 1, found {episodes}")
         self.backend, self.episodes = backend, episodes
         self.initial_state = backend.get_state()
-
-    @property
-    def envs(self) -> gym.vector.VectorEnv:
-        """Transitional: the trainer's `eval_envs`."""
-        return self.backend.vector_env
 
     def __call__(self, agent: Agent) -> EvalResult:
         self.backend.set_state(self.initial_state)

@@ -37,18 +37,18 @@ def _rss() -> int:
 def _measure(mode: str, run: Path) -> dict:
     from tqdm import tqdm
 
-    import mtrl.trainer
+    import mtrl.build
     from mtrl.trainer import Callback, Trainer
     from tests.conftest import toy_config
 
     made = []
-    make_envs = mtrl.trainer.make_envs
+    make_backend = mtrl.build.make_backend
 
-    def counted_make_envs(cfg, seed, evaluation, **kwargs):
+    def counted_make_backend(cfg, seed, evaluation, **kwargs):
         made.append(evaluation)
-        return make_envs(cfg, seed, evaluation, **kwargs)
+        return make_backend(cfg, seed, evaluation, **kwargs)
 
-    mtrl.trainer.make_envs = counted_make_envs
+    mtrl.build.make_backend = counted_make_backend
     if mode == "training":
         # The whole loop (collect, update, evaluate, log, checkpoint), sampled at every evaluation.
         cfg = toy_config(run, "train.total_steps=300", "eval.every=3", "eval.episodes=1", "checkpoint.every=100")
@@ -70,7 +70,7 @@ def _measure(mode: str, run: Path) -> dict:
         overrides = ["env.benchmark=MT1", "env.tasks=[reach-v3]", "env.max_episode_steps=30", "eval.episodes=1"]
         evaluations, phases = 50, ("clean",)
     trainer = Trainer(toy_config(run, *overrides), run)
-    eval_envs = trainer.eval_envs
+    eval_envs = trainer.parts.evaluator.backend
     bar = tqdm(disable=True)
     leaked = []
     for _ in range(WARMUP):
@@ -89,7 +89,7 @@ def _measure(mode: str, run: Path) -> dict:
         "leak_growth": growth.get("leak"),
         "evaluations": records,
         "make_envs": made,
-        "same_eval_envs": trainer.eval_envs is eval_envs,
+        "same_eval_envs": trainer.parts.evaluator.backend is eval_envs,
     }
 
 

@@ -10,6 +10,7 @@ import torch
 
 from mtrl import checkpoint as ckpt
 from mtrl import load_policy
+from mtrl.callbacks import Callback
 from mtrl.cli import main
 from mtrl.evaluation import EvalResult
 from mtrl.logger import METRICS_FILE
@@ -58,11 +59,7 @@ def test_resume_continues_step_count_and_metrics_exactly(tmp_path, default_run):
 
 
 def test_resume_restores_a_stateful_combiner_exactly(tmp_path):
-    """Nash-MTL warm-starts each solve from the previous update's solution: a resumed run must too.
-
-    Checkpoints fall on episode boundaries and `log.every` is the episode length: train records then
-    hold only the episode that just ended (the running episode's statistics are not checkpointed).
-    """
+    """Nash-MTL warm-starts each solve from the previous update's solution: a resumed run must too."""
     overrides = ["combiner.name=nashmtl", "checkpoint.save_buffer=true", "train.warmup_steps=20"]
     overrides += ["train.total_steps=80", "checkpoint.every=40", "eval.every=40", "log.every=20"]
     straight = _train(tmp_path / "straight", *overrides)
@@ -83,6 +80,81 @@ def test_resume_restores_a_stateful_combiner_exactly(tmp_path):
         for name, tensor in expected[key].items():
             assert torch.equal(found[key][name], tensor), (key, name)
     assert torch.equal(straight.combiner.state_dict()["warm_start"], resumed.combiner.state_dict()["warm_start"])
+
+
+def test_resume_is_exact_when_train_logs_fall_inside_episodes(tmp_path):
+    """Values logged with every train record until replaced are part of the checkpoint.
+
+    Episodes end every 20 steps and train records come every 15: the record at step 105 holds the
+    episode that ended at the checkpoint (step 100), and the diagnostics of update 55 (step 95), which
+    reach the first log after them. A resumed run has seen neither unless the checkpoint holds them.
+    """
+    overrides = ["checkpoint.save_buffer=true", "log.every=15", "combiner.diagnostics_every=11"]
+    _train(tmp_path / "straight", *overrides)
+    straight = _metrics(tmp_path / "straight")
+    at_105 = next(r for r in straight if r["kind"] == "train" and r["step"] == 105)
+    assert "train/episode_return" in at_105 and "combiner/critic/cos_mean" in at_105
+    split = tmp_path / "split"
+    _train(split, *overrides, "train.total_steps=100")
+    assert Trainer(toy_config(split, *overrides), split, resume=True).train() == 0
+    assert _metrics(split) == straight
+
+
+def test_a_checkpoint_without_the_pending_log_values_still_resumes(tmp_path):
+    """Checkpoints written before they held `learning_starts`, `train_stats` and `update_metrics`."""
+    run = tmp_path / "run"
+    _train(run, "train.total_steps=60")
+    path = ckpt.latest_checkpoint(run)
+    state = torch.load(path, weights_only=True)
+    for key in ("learning_starts", "train_stats", "update_metrics"):
+        del state[key]
+    torch.save(state, path)
+    resumed = Trainer(toy_config(run, "train.total_steps=80"), run, resume=True)
+    assert (resumed.progress.train_stats, resumed.progress.update_metrics) == ({}, {})
+    assert resumed.progress.learning_starts == 60 + 40  # no buffer in the checkpoint: warm up again
+    assert resumed.train() == 0 and resumed.counters.env_steps == 80
+
+
+def test_callbacks_see_each_phase_begin_and_end_around_its_result(tmp_path):
+    class Record(Callback):
+        def __init__(self):
+            self.events: list[tuple] = []
+
+        def on_phase(self, phase, entering):
+            self.events.append((phase, entering))
+
+        def on_update(self, trainer, result):
+            self.events.append(("on_update", result.finite))
+
+        def on_eval(self, trainer, result):
+            self.events.append(("on_eval", trainer.progress.last_eval is result))
+
+        def on_checkpoint(self, trainer, path):
+            self.events.append(("on_checkpoint", path.name))
+
+    def eval_and_checkpoint(step: int) -> list[tuple]:
+        return [("eval", True), ("eval", False), ("on_eval", True)] + [
+            ("checkpoint", True),
+            ("checkpoint", False),
+            ("on_checkpoint", f"step_{step:010d}.pt"),
+        ]
+
+    update = [("update", True), ("update", False), ("on_update", True)]
+    run = tmp_path / "run"
+    overrides = ["eval.every=30", "checkpoint.every=30", "checkpoint.save_buffer=true"]
+    first = Record()
+    assert Trainer(toy_config(run, *overrides, "train.total_steps=60"), run, callbacks=[first]).train() == 0
+    # warm-up until step 40, then one update per step
+    assert first.events == eval_and_checkpoint(30) + update * 21 + eval_and_checkpoint(60)
+    second = Record()
+    resumed = Trainer(toy_config(run, *overrides, "train.total_steps=61"), run, resume=True, callbacks=[second])
+    assert second.events == [("restore", True), ("restore", False)]
+    assert resumed.train() == 0
+    assert second.events[2:] == update + eval_and_checkpoint(61)
+    # the command line reads the checkpoint (its config comes first), then builds and loads the parts
+    third = Record()
+    assert main(["train", "--resume", str(run), "train.total_steps=62"], callbacks=[third]) == 0
+    assert third.events[:4] == [("restore", True), ("restore", False)] * 2
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
@@ -168,7 +240,7 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_one_even_after_a_resume(tmp_
             for p in trainer.agent.parameters():
                 p.add_(1.0)
         trainer.counters.env_steps = step
-        trainer.last_eval = None if success is None else EvalResult(success, 0.0, {})
+        trainer.progress.last_eval = None if success is None else EvalResult(success, 0.0, {})
         trainer.save_checkpoint()
         weights[step] = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
         if success is not None and (expected_best is None or success > expected_best[1]):
@@ -185,11 +257,11 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_one_even_after_a_resume(tmp_
     resumed = Trainer(toy_config(run), run, resume=True)
     assert resumed.counters.best_success == 0.6
     resumed.counters.env_steps = 80
-    resumed.last_eval = EvalResult(0.5, 0.0, {})
+    resumed.progress.last_eval = EvalResult(0.5, 0.0, {})
     resumed.save_checkpoint()
     assert ckpt.load(best_path)["counters"]["env_steps"] == 50
     resumed.counters.env_steps = 90
-    resumed.last_eval = EvalResult(0.7, 0.0, {})
+    resumed.progress.last_eval = EvalResult(0.7, 0.0, {})
     resumed.save_checkpoint()
     assert ckpt.load(best_path)["counters"]["env_steps"] == 90
 
@@ -273,6 +345,6 @@ def test_each_diagnostics_update_reaches_exactly_one_log(tmp_path):
 def test_a_resume_restores_the_last_evaluation(tmp_path):
     run = tmp_path / "run"
     trained = _train(run, "train.total_steps=100")
-    assert trained.last_eval is not None
+    assert trained.progress.last_eval is not None
     resumed = Trainer(toy_config(run), run, resume=True)
-    assert resumed.last_eval == trained.last_eval
+    assert resumed.progress.last_eval == trained.progress.last_eval

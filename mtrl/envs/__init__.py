@@ -12,17 +12,13 @@ task names valid) by importing only the backend asked about, and builds nothing.
 from __future__ import annotations
 
 import importlib
-import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from mtrl.envs.base import EnvBackend, Step
 
 if TYPE_CHECKING:
-    import gymnasium as gym
-
     from mtrl.config import EnvConfig
-    from mtrl.envs.vector import VectorEnvBackend
 
 __all__ = ["EnvBackend", "Step", "backend_module", "benchmarks", "check_task_names", "make_backend", "task_names"]
 
@@ -70,34 +66,3 @@ def make_backend(
     """
     module = backend_module(cfg.benchmark)
     return module.make_backend(cfg, seed, evaluation, vector_strategy or cfg.vector_strategy, render)
-
-
-# ----- transitional: the gymnasium-level calls of the trainer, until it holds a backend -----------
-_BUILT: weakref.WeakKeyDictionary[Any, tuple[type, list[str]]] = weakref.WeakKeyDictionary()
-
-
-def make_envs(
-    cfg: EnvConfig,
-    seed: int,
-    evaluation: bool,
-    vector_strategy: str | None = None,
-    render: dict[str, Any] | None = None,
-) -> gym.vector.VectorEnv:
-    """`make_backend(...).vector_env`; `backend_of` finds its backend again."""
-    backend = make_backend(cfg, seed, evaluation, vector_strategy, render)
-    _BUILT[backend.vector_env] = (type(backend), backend.task_names)
-    return backend.vector_env
-
-
-def backend_of(envs: gym.vector.VectorEnv) -> VectorEnvBackend:
-    """The backend around a vector env that `make_envs` built."""
-    cls, names = _BUILT[envs]
-    return cls(envs, names)
-
-
-def env_checkpoint(envs: gym.vector.VectorEnv) -> str:
-    return backend_of(envs).get_state()
-
-
-def load_env_checkpoint(envs: gym.vector.VectorEnv, state: str) -> None:
-    backend_of(envs).set_state(state)

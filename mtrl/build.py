@@ -1,0 +1,155 @@
+"""The parts of a training run, built from a validated config, apart from the loop that uses them.
+
+`build(cfg)` makes everything the loop works with (device, generators, envs, evaluator, combiner,
+agent, replay buffer) and writes nothing. `open_run_dir` then prepares the run directory and
+opens the logger, once the run is known to start: a rejected resume leaves the directory as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtrl import checkpoint as ckpt
+from mtrl.buffer import Batch, MultiTaskReplayBuffer
+from mtrl.combiners import Combiner, make_combiner
+from mtrl.config import Config, ConfigError, to_yaml
+from mtrl.envs import EnvBackend, make_backend
+from mtrl.evaluation import Evaluator
+from mtrl.logger import MetricLogger
+from mtrl.sac import MTSAC, UpdateResult
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Torch's intra-op threads; 0 means half the cores.
+
+    Torch's worker threads spin-wait for each other: when envs or other processes hold the cores
+    they wait on, an update can take many times longer than on idle cores.
+    """
+    threads = requested or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+# One learning step: (batch, generator of the policy noise, CPU generator of the combiners, diagnostics?).
+UpdateFn = Callable[[Batch, torch.Generator, torch.Generator, bool], UpdateResult]
+
+
+@dataclass
+class Parts:
+    """Everything a run is made of. Their states are what `mtrl.runstate.RunState` captures."""
+
+    device: torch.device
+    tasks: list[str]  # sub-env i of the training and evaluation envs is task `tasks[i]`
+    obs_dim: int
+    act_dim: int
+    action_low: torch.Tensor  # [act_dim], the bounds of warm-up actions
+    action_high: torch.Tensor
+    envs: EnvBackend  # training envs
+    evaluator: Evaluator  # on its own envs, built once
+    gen_cpu: torch.Generator  # warm-up actions and the combiners' draws
+    gen_device: torch.Generator  # replay sampling and policy noise, on the training device
+    combiner: Combiner
+    agent: MTSAC
+    update: UpdateFn
+    optimizers: dict[str, torch.optim.Optimizer]
+    buffer: MultiTaskReplayBuffer
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+
+def build(cfg: Config) -> Parts:
+    device = resolve_device(cfg.device)
+    # Tiny activations late in training turn into subnormal floats, which x86 CPUs compute
+    # many times slower; flushing them to zero changes no result that matters.
+    torch.set_flush_denormal(True)
+    set_cpu_threads(cfg.train.torch_threads)
+    envs = make_backend(cfg.env, cfg.seed, evaluation=False)
+    tasks, obs_dim, act_dim = list(envs.task_names), envs.obs_dim, envs.act_dim
+    # The evaluation envs are separate instances holding the same goal sets (the same seed):
+    # MT10/MT50 measure how well the agent solves the tasks it trains on.
+    eval_envs = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
+    evaluator = Evaluator(eval_envs, cfg.eval.episodes)
+
+    combiner = make_combiner(cfg.combiner.name, **cfg.combiner.hyper_parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # weight initialisation only; the global RNG is restored after
+        agent = MTSAC(
+            obs_dim,
+            act_dim,
+            len(tasks),
+            cfg.agent,
+            combiner,
+            list(cfg.combiner.networks),
+            optimizer=cfg.optimizer.name,
+            grad_clip_norm=cfg.train.grad_clip_norm,
+            q_target_clip=cfg.train.q_target_clip,
+        ).to(device)
+    per_task = max(1, cfg.train.buffer_capacity // len(tasks))
+    buffer_device = _buffer_device(cfg.train.buffer_device, device, len(tasks), per_task, obs_dim, act_dim)
+    return Parts(
+        device=device,
+        tasks=tasks,
+        obs_dim=obs_dim,
+        act_dim=act_dim,
+        action_low=torch.as_tensor(envs.action_low, dtype=torch.float32),
+        action_high=torch.as_tensor(envs.action_high, dtype=torch.float32),
+        envs=envs,
+        evaluator=evaluator,
+        gen_cpu=torch.Generator().manual_seed(cfg.seed),
+        gen_device=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        combiner=combiner,
+        agent=agent,
+        update=agent.update,
+        optimizers=agent.optimizers,
+        buffer=MultiTaskReplayBuffer(len(tasks), per_task, obs_dim, act_dim, buffer_device),
+    )
+
+
+def _buffer_device(
+    choice: str, device: torch.device, num_tasks: int, per_task: int, obs_dim: int, act_dim: int
+) -> torch.device:
+    """`auto`: the training device, unless the buffer would take more than half of a GPU's free memory."""
+    if choice != "auto":
+        return torch.device(choice)
+    if device.type != "cuda":
+        return device
+    need = MultiTaskReplayBuffer.nbytes(num_tasks, per_task, obs_dim, act_dim)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < 0.5 * free else torch.device("cpu")
+
+
+def open_run_dir(cfg: Config, run_dir: Path, tasks: list[str], start_step: int) -> MetricLogger:
+    """Make `run_dir` ready for a run that (re)starts at `start_step`, and open its logger.
+
+    Removes the temporaries of checkpoint writes cut short by a kill, writes `config.yaml`, and
+    drops metrics logged after `start_step` (a fresh run starts at 0: it drops what an attempt
+    killed before its first checkpoint logged).
+    """
+    run_dir = Path(run_dir)
+    ckpt.remove_partial_writes(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_tmp = run_dir / ".config.yaml.tmp"
+    config_tmp.write_text(to_yaml(cfg))
+    os.replace(config_tmp, run_dir / "config.yaml")
+    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step)

@@ -1,0 +1,52 @@
+"""Hooks into the training loop, as in Stable-Baselines3: subclass `Callback`, override what you need,
+and hand instances to `Trainer(..., callbacks=[...])` or `mtrl.cli.main(argv, callbacks=[...])`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from mtrl.evaluation import EvalResult
+    from mtrl.sac import UpdateResult
+    from mtrl.trainer import Trainer
+
+Phase = Literal["restore", "update", "eval", "checkpoint"]
+
+
+class Callback:
+    """Every hook does nothing until overridden.
+
+    `on_phase` is called on entering and on leaving each phase, also when it ends by an exception:
+    "restore" (reading a checkpoint, and loading it into the parts), "update" (one gradient
+    update), "eval" (one evaluation) and "checkpoint" (writing one). It gets no trainer: the
+    command line reads the checkpoint of a resume before the trainer exists. `on_update` sees every
+    update's result (finite or not) before the trainer acts on it, `on_eval` every evaluation's
+    result, `on_checkpoint` the path of every checkpoint written.
+    """
+
+    def on_phase(self, phase: Phase, entering: bool) -> None:
+        return None
+
+    def on_update(self, trainer: Trainer, result: UpdateResult) -> None:
+        return None
+
+    def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
+        return None
+
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        return None
+
+
+@contextmanager
+def phase(callbacks: Sequence[Callback], name: Phase) -> Iterator[None]:
+    """The body of the `with` block is phase `name`, for every callback."""
+    for callback in callbacks:
+        callback.on_phase(name, True)
+    try:
+        yield
+    finally:
+        for callback in callbacks:
+            callback.on_phase(name, False)
