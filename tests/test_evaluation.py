@@ -73,7 +73,7 @@ def test_without_the_restore_a_second_sweep_would_repeat_and_skip_goals():
 
 def test_training_and_evaluation_envs_hold_the_same_goal_sets(tmp_path):
     trainer = Trainer(toy_config(tmp_path / "run"), tmp_path / "run")
-    train_goals, eval_goals = trainer.envs.goal_sets(), trainer.evaluator.backend.goal_sets()
+    train_goals, eval_goals = trainer.envs.goal_sets(), trainer.parts.evaluator.backend.goal_sets()
     for train, evaluation in zip(train_goals, eval_goals, strict=True):
         assert np.array_equal(train, evaluation)
     assert not np.array_equal(toy_backend(seed=4).goal_sets()[0], train_goals[0])
