@@ -27,8 +27,9 @@ from mtrl.config import Config, ConfigError, config_from_dict, to_dict, to_yaml
 from mtrl.envs import env_checkpoint, load_env_checkpoint, make_envs, task_names
 from mtrl.evaluation import EvalResult, Evaluator, reported
 from mtrl.logger import MetricLogger, log
+from mtrl.optim import Optimization
 from mtrl.policy import Policy
-from mtrl.sac import MTSAC, UpdateResult
+from mtrl.sac import MTSAC, SACUpdate, UpdateResult
 
 
 class Callback:
@@ -121,17 +122,13 @@ class Trainer:
         self.combiner = make_combiner(cfg.combiner.name, **cfg.combiner.hyper_parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # weight initialisation only; the global RNG is restored after
-            self.agent = MTSAC(
-                self.obs_dim,
-                self.act_dim,
-                self.num_tasks,
-                cfg.agent,
-                self.combiner,
-                list(cfg.combiner.networks),
-                optimizer=cfg.optimizer.name,
-                grad_clip_norm=cfg.train.grad_clip_norm,
-                q_target_clip=cfg.train.q_target_clip,
-            ).to(self.device)
+            self.agent = MTSAC(self.obs_dim, self.act_dim, self.num_tasks, cfg.agent).to(self.device)
+        self.optimization = Optimization(
+            self.agent.params, cfg.optimizer.name, self.agent.learning_rates, self.num_tasks, cfg.train.grad_clip_norm
+        )
+        self.learner = SACUpdate(
+            self.agent, self.optimization, self.combiner, cfg.combiner.networks, cfg.train.q_target_clip
+        )
         self.buffer = MultiTaskReplayBuffer(
             self.num_tasks,
             max(1, cfg.train.buffer_capacity // self.num_tasks),
@@ -176,7 +173,7 @@ class Trainer:
             "task_names": list(self.tasks),
             "counters": dict(vars(c)),
             "agent": self.agent.state_dict(),
-            "optimizers": {name: opt.state_dict() for name, opt in self.agent.optimizers.items()},
+            "optimizers": self.optimization.state_dict(),
             "combiner": self.combiner.state_dict(),
             "rng": {"cpu": self.gen_cpu.get_state(), "device": self.gen_device.get_state()},
             "env_state": self.episode_start_env_state,
@@ -207,8 +204,7 @@ class Trainer:
             )
         try:
             self.agent.load_state_dict(state["agent"])
-            for name, opt in self.agent.optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
+            self.optimization.load_state_dict(state["optimizers"])
             self.combiner.load_state_dict(state["combiner"])
             if "buffer" in state:
                 self.buffer.load_state_dict(state["buffer"])
@@ -329,7 +325,7 @@ class Trainer:
         batch = self.buffer.sample(cfg.train.batch_per_task, self.gen_device, self.device)
         every = cfg.combiner.diagnostics_every
         diagnostics = bool(every) and c.updates % every == 0
-        result = self.agent.update(batch, self.gen_device, self.gen_cpu, diagnostics=diagnostics)
+        result = self.learner(batch, self.gen_device, self.gen_cpu, diagnostics=diagnostics)
         for callback in self.callbacks:
             callback.on_update(self, result)
         if not result.finite:

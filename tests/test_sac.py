@@ -16,20 +16,35 @@ import pytest
 import torch
 
 from mtrl.buffer import Batch
-from mtrl.combiners import make_combiner
+from mtrl.combiners import Combiner, make_combiner
 from mtrl.config import AgentConfig
 from mtrl.jacobian import mean_backward, task_jacobian
 from mtrl.networks import squashed_sample
-from mtrl.sac import MTSAC, polyak_update, soft_bellman_target
+from mtrl.optim import Optimization
+from mtrl.sac import MTSAC, SACUpdate, polyak_update, soft_bellman_target
 
 K, B, OBS, ACT = 3, 5, 6, 2
 
 
-def make_agent(variant: str, combiner: str = "mean", networks=("critic", "actor"), **agent) -> MTSAC:
+def make_agent(variant: str, **agent) -> MTSAC:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         cfg = AgentConfig(variant=variant, hidden_sizes=[8, 7], init_temperature=0.3, **agent)
-        return MTSAC(OBS + K, ACT, K, cfg, make_combiner(combiner), list(networks)).double()
+        return MTSAC(OBS + K, ACT, K, cfg).double()
+
+
+def make_update(
+    variant: str,
+    combiner: Combiner | str = "mean",
+    networks=("critic", "actor"),
+    optimizer: str = "adam",
+    grad_clip_norm: float | None = None,
+    **agent,
+) -> SACUpdate:
+    """The update the trainer would build for this agent, combiner and optimizer."""
+    model = make_agent(variant, **agent)
+    optimization = Optimization(model.params, optimizer, model.learning_rates, K, grad_clip_norm)
+    return SACUpdate(model, optimization, make_combiner(combiner) if isinstance(combiner, str) else combiner, networks)
 
 
 def make_batch(seed: int = 1, terminated: float = 0.0, truncated: float = 0.0) -> Batch:
@@ -214,9 +229,10 @@ def test_temperature_rises_when_entropy_is_below_target_and_falls_above():
     # target entropy −|A| = −2; the entropy estimate −log π is below it exactly when log π > 2
     for mean_logp, direction in [(3.0, 1.0), (10.0, 1.0), (1.0, -1.0), (-6.0, -1.0)]:
         agent = make_agent("conditioned")
+        optimization = Optimization(agent.params, "adam", agent.learning_rates, K)
         mean_backward(agent.alpha_objective(torch.full((K,), mean_logp, dtype=torch.float64)))
         before = agent.log_alpha.detach().clone()
-        agent.optimizers["alpha"].step()
+        optimization.step("alpha")
         change = agent.log_alpha.detach() - before
         entropy_below_target = -mean_logp < agent.target_entropy
         assert entropy_below_target == (direction > 0)
@@ -232,21 +248,22 @@ def test_polyak_update_moves_targets_by_tau():
 
 
 def test_an_update_steps_the_target_critic_by_tau_towards_the_stepped_critic():
-    agent = make_agent("multihead")
+    update = make_update("multihead")
+    agent = update.agent
     before = copy.deepcopy(agent.critic_target.state_dict())
-    result = agent.update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
+    result = update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
     assert result.finite
     tau = agent.cfg.tau
     for name, p in agent.critic_target.state_dict().items():
         torch.testing.assert_close(p, (1 - tau) * before[name] + tau * agent.critic.state_dict()[name])
 
 
-def _task_slices(agent: MTSAC) -> dict[str, torch.Tensor]:
+def _task_slices(update: SACUpdate) -> dict[str, torch.Tensor]:
     """Every task-specific tensor (parameters and their Adam moments), cloned."""
     out = {}
     for net in ("critic", "actor", "alpha"):
-        opt = agent.optimizers[net]
-        for name, p in agent.params[net][1].items():
+        opt = update.optimization[net].task_optimizer
+        for name, p in update.agent.params[net].task.items():
             out[f"{net}.{name}"] = p.detach().clone()
             for key in ("exp_avg", "exp_avg_sq"):
                 out[f"{net}.{name}.{key}"] = opt.state[p][key].clone()
@@ -254,19 +271,18 @@ def _task_slices(agent: MTSAC) -> dict[str, torch.Tensor]:
 
 
 def test_tasks_not_drawn_keep_heads_temperature_and_moments_bit_for_bit():
-    agent = make_agent("multihead", "sdmgrad_os")
-    agent.combiner = make_combiner("sdmgrad_os", n=1)
+    update = make_update("multihead", make_combiner("sdmgrad_os", n=1))
     combiner_gen = torch.Generator().manual_seed(3)
     noise_gen = torch.Generator().manual_seed(4)
     for _ in range(3):  # Adam has momentum in every slice before the update under test
-        agent.update(make_batch(), noise_gen, combiner_gen)
+        update(make_batch(), noise_gen, combiner_gen)
     subset_seen = False
     for step in range(6):
-        drawn = agent.combiner.select_tasks(K, torch.Generator().set_state(combiner_gen.get_state()))
+        drawn = update.combiner.select_tasks(K, torch.Generator().set_state(combiner_gen.get_state()))
         undrawn = [k for k in range(K) if k not in drawn.tolist()]
-        before = _task_slices(agent)
-        assert agent.update(make_batch(10 + step), noise_gen, combiner_gen).finite
-        after = _task_slices(agent)
+        before = _task_slices(update)
+        assert update(make_batch(10 + step), noise_gen, combiner_gen).finite
+        after = _task_slices(update)
         for key, value in before.items():
             for k in range(K):
                 unchanged = torch.equal(after[key][k], value[k])
@@ -279,13 +295,11 @@ def test_adatask_steps_on_clipped_task_gradients():
     """`train.grad_clip_norm` bounds what AdaTask steps on, as it bounds what Adam steps on."""
 
     def shared_step(clip: float | None) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            cfg = AgentConfig(hidden_sizes=[8, 7])
-            agent = MTSAC(OBS + K, ACT, K, cfg, make_combiner("mean"), ["critic", "actor"], "adatask", clip).double()
-        before = agent.critic.q1.trunk[0].weight.detach().clone()
-        agent.update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
-        return (agent.critic.q1.trunk[0].weight.detach() - before).abs().max()
+        update = make_update("conditioned", optimizer="adatask", grad_clip_norm=clip)
+        weight = update.agent.critic.q1.trunk[0].weight
+        before = weight.detach().clone()
+        update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
+        return (weight.detach() - before).abs().max()
 
     unclipped, clipped = shared_step(None), shared_step(1e-12)
     # Adam-like steps are scale-free except for eps: gradients clipped to ~1e-12 make steps ~1e-4 as large.
@@ -294,12 +308,13 @@ def test_adatask_steps_on_clipped_task_gradients():
 
 def test_update_metrics_are_the_per_task_quantities_they_name():
     """`q_mean`, the losses and the combiner diagnostics, against independent computations."""
-    agent, batch = make_agent("multihead", "cagrad"), make_batch()
+    update, batch = make_update("multihead", "cagrad"), make_batch()
+    agent = update.agent
     q_before = agent.critic(batch.obs, batch.action)[0].detach().mean(1)
     # the update's first draw from its generator is the next-action noise of the target
     next_noise = torch.randn(K, B, ACT, generator=torch.Generator().manual_seed(0))  # float32, as drawn there
     rows = task_jacobian(agent.critic_objective(batch, agent.bellman_target(batch, next_noise))).matrix
-    result = agent.update(batch, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), diagnostics=True)
+    result = update(batch, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), diagnostics=True)
     m = result.metrics
     torch.testing.assert_close(m["q_mean"], q_before, rtol=1e-12, atol=1e-12)
     assert m["loss/critic"].shape == m["loss/actor"].shape == m["loss/alpha"].shape == (K,)
