@@ -21,7 +21,7 @@ from mtrl.config import AgentConfig
 from mtrl.jacobian import mean_backward, task_jacobian
 from mtrl.networks import squashed_sample
 from mtrl.optim import Optimization
-from mtrl.sac import MTSAC, SACUpdate, polyak_update, soft_bellman_target
+from mtrl.sac import MTSAC, SACUpdate, policy_noise, polyak_update, soft_bellman_target
 
 K, B, OBS, ACT = 3, 5, 6, 2
 
@@ -327,3 +327,82 @@ def test_update_metrics_are_the_per_task_quantities_they_name():
     for net in ("critic", "actor"):
         weights = m[f"combiner/{net}/weights"]
         assert weights.shape == (K,) and (weights > 0).all()  # CAGrad's weights are 1/K plus a positive part
+
+
+# ----- the update as a function of tensors ----------------------------------------------------
+def _compiles_whole_and_matches_eager(update: SACUpdate, diagnostics: bool) -> None:
+    """`SACUpdate.gradients` (batch and noise in; `.grad`, metrics and the finiteness flag out) traced
+    by torch.compile with `fullgraph=True`: no graph break, hence no host synchronisation inside."""
+    batch, next_noise, actor_noise = make_batch(), noise(1), noise(2)
+
+    def core(batch: Batch, next_noise: torch.Tensor, actor_noise: torch.Tensor):
+        gradients = update.gradients(batch, next_noise, actor_noise, None, None, diagnostics)
+        return gradients.finite, gradients.metrics
+
+    parameters = {name: p for name, p in update.agent.named_parameters() if p.requires_grad}
+    eager_finite, eager_metrics = core(batch, next_noise, actor_noise)
+    eager_grads = {name: p.grad.clone() for name, p in parameters.items()}
+    update.agent.zero_grad(set_to_none=True)
+    # The "eager" backend runs what Dynamo captured as it is: the test is about capture, not codegen.
+    finite, metrics = torch.compile(core, fullgraph=True, backend="eager")(batch, next_noise, actor_noise)
+    assert bool(finite) and bool(eager_finite)
+    assert metrics.keys() == eager_metrics.keys()
+    if diagnostics:
+        assert "combiner/critic/weights" in metrics
+    for key, value in eager_metrics.items():
+        torch.testing.assert_close(metrics[key], value, rtol=1e-12, atol=1e-15, msg=key)
+    for name, p in parameters.items():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-12, atol=1e-15, msg=name)
+
+
+@pytest.mark.parametrize(
+    "variant,diagnostics",
+    [("conditioned", False), ("multihead", True)],  # one backward of the mean; the Jacobian, combined
+)
+def test_the_update_up_to_its_finiteness_read_compiles_as_one_graph_with_mean(variant, diagnostics):
+    _compiles_whole_and_matches_eager(make_update(variant), diagnostics)
+
+
+@pytest.mark.slow  # tracing takes tens of seconds: the interior-point solve unrolls into the graph
+def test_the_update_up_to_its_finiteness_read_compiles_as_one_graph_with_cagrad_and_diagnostics():
+    _compiles_whole_and_matches_eager(make_update("multihead", "cagrad"), diagnostics=True)
+
+
+def test_policy_noise_comes_from_the_generator_whatever_the_update_device():
+    expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    drawn = policy_noise((2, 3), torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert torch.equal(drawn, expected)
+    # A CPU generator serves an update on another device: drawn where the generator lives, then moved.
+    moved = policy_noise((2, 3), torch.Generator().manual_seed(5), torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (2, 3)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adatask"])
+def test_optimization_state_round_trips_to_identical_updates(optimizer):
+    """An update restored from the agent's and the optimization's state dicts continues bit for bit."""
+    a = make_update("multihead", optimizer=optimizer, grad_clip_norm=1.0)
+    noise_gen, combiner_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for step in range(2):
+        assert a(make_batch(20 + step), noise_gen, combiner_gen).finite
+    b = make_update("multihead", optimizer=optimizer, grad_clip_norm=1.0)
+    b.agent.load_state_dict(copy.deepcopy(a.agent.state_dict()))
+    b.optimization.load_state_dict(copy.deepcopy(a.optimization.state_dict()))
+    fresh = make_update("multihead", optimizer=optimizer, grad_clip_norm=1.0)
+    fresh.agent.load_state_dict(copy.deepcopy(a.agent.state_dict()))  # same weights, optimizers from scratch
+    for update in (a, b, fresh):
+        state = (torch.Generator().set_state(noise_gen.get_state()), torch.Generator().manual_seed(3))
+        assert update(make_batch(30), *state).finite
+    for name, p in a.agent.state_dict().items():
+        assert torch.equal(b.agent.state_dict()[name], p), name
+    assert any(not torch.equal(fresh.agent.state_dict()[n], p) for n, p in a.agent.state_dict().items())
+
+
+def test_optimization_refuses_state_of_another_optimizer_and_unknown_names():
+    adam, adatask = make_update("multihead"), make_update("multihead", optimizer="adatask")
+    with pytest.raises(ValueError, match=r"optimizer state holds \['adam'\], expected \['adam', 'adatask'\]"):
+        adatask.optimization.load_state_dict(adam.optimization.state_dict())
+    agent = adam.agent
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose from: adam, adatask"):
+        Optimization(agent.params, "sgd", agent.learning_rates, K)
+    with pytest.raises(ValueError, match=r"unknown network\(s\) \['policy'\] to combine"):
+        SACUpdate(agent, adam.optimization, make_combiner("mean"), ["critic", "policy"])
