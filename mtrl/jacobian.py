@@ -65,7 +65,7 @@ def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     (g_shared, g_task), (losses, aux) = grad(summed_loss, argnums=(0, 1), has_aux=True)(shared, task)
     k = objective.num_tasks
     for name, p in o.shared.items():
-        p.grad = g_shared[name] / k
+        p.grad = g_shared[name].div_(k)
     for name, p in o.task.items():
         p.grad = g_task[name]
     return losses, aux

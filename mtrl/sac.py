@@ -288,11 +288,11 @@ class SACUpdate:
         self.agent, self.optimization, self.combiner = agent, optimization, combiner
         self.q_target_clip = q_target_clip
         self.hooks = list(hooks)
-        # Combined networks that have shared parameters: they get the combiner's direction and the
-        # diagnostics. A network without shared parameters has nothing to combine.
-        self.diagnosed = [net for net in NETWORKS if net in combined and agent.params[net].shared]
+        # The networks combined for real (a network without shared parameters has nothing to
+        # combine): they get the combiner's tasks and direction, and the diagnostics.
+        self.combined = [net for net in NETWORKS if net in combined and agent.params[net].shared]
         self.combiners: dict[str, Combiner | None] = {
-            net: combiner if net in self.diagnosed and not optimization[net].takes_task_gradients else None
+            net: combiner if net in self.combined and not optimization[net].takes_task_gradients else None
             for net in NETWORKS
         }
 
@@ -317,7 +317,7 @@ class SACUpdate:
 
     def draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
         """The tasks this update's combined losses use (None: all of them), drawn before any gradient."""
-        if not self.diagnosed:
+        if not self.combined:
             return None
         tasks = self.combiner.select_tasks(k, generator)
         return None if tasks.numel() == k else tasks.to(device)
@@ -367,7 +367,7 @@ class SACUpdate:
         }
         if diagnostics:
             for net, grads in (("critic", critic), ("actor", actor), ("alpha", alpha)):
-                if net in self.diagnosed:
+                if net in self.combined:
                     metrics.update(gradient_diagnostics(net, grads.matrix, grads.update, grads.weights))
         return UpdateGradients(critic, actor, alpha, finite, metrics)
 
@@ -380,7 +380,7 @@ class SACUpdate:
         diagnostics: bool,
     ) -> NetworkGradients:
         combiner = self.combiners[net]
-        per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.diagnosed)
+        per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.combined)
         grads = network_gradients(objective, combiner, None if combiner is None else tasks, generator, per_task)
         for hook in self.hooks:
             hook.on_gradients(net, objective.parameters())
