@@ -254,7 +254,7 @@ class UpdateHook:
         """The Bellman targets `[K, B]` of this update, as the critic loss uses them."""
 
     def on_gradients(self, network: str, parameters: list[nn.Parameter]) -> None:
-        """`network`'s `.grad` has been written, before the finiteness decision: changes made here count."""
+        """`network`'s `.grad` has been written; the finiteness decision, next, sees changes made here."""
 
     def on_step(self, network: str, parameters: list[nn.Parameter]) -> None:
         """`network` is about to step: `.grad` as its optimizer steps on it (clipped)."""
@@ -303,6 +303,7 @@ class SACUpdate:
         combiner_generator: torch.Generator,
         diagnostics: bool = False,
     ) -> UpdateResult:
+        """One update on a stratified batch `[K, B, ...]`; skipped whole (nothing stepped) unless finite."""
         k, b = batch.reward.shape
         device = batch.obs.device
         next_noise = policy_noise((k, b, self.agent.act_dim), generator, device)

@@ -99,7 +99,7 @@ def _instrumented_main(argv: list[str]) -> int:
     import mtrl.sac
     import mtrl.trainer
 
-    mtrl.sac.MTSAC.update = mark(UPDATE, mtrl.sac.MTSAC.update)
+    mtrl.sac.SACUpdate.__call__ = mark(UPDATE, mtrl.sac.SACUpdate.__call__)
     mtrl.evaluation.Evaluator.__call__ = mark(EVAL, mtrl.evaluation.Evaluator.__call__)
     mtrl.checkpoint.atomic_save = mark(WRITE, mtrl.checkpoint.atomic_save)
     mtrl.trainer.Trainer._restore = mark(RESTORE, mtrl.trainer.Trainer._restore)
