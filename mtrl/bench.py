@@ -20,8 +20,9 @@ from mtrl.buffer import Batch
 from mtrl.build import set_cpu_threads
 from mtrl.combiners import COMBINERS, make_combiner
 from mtrl.config import AgentConfig, ConfigError
-from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian
-from mtrl.sac import MTSAC
+from mtrl.jacobian import mean_backward, task_jacobian
+from mtrl.optim import Optimization
+from mtrl.sac import MTSAC, SACUpdate
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
 
@@ -56,15 +57,15 @@ def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generato
     return Batch(obs, action, randn(k, b), next_obs, zeros, zeros)
 
 
-def _agent(k: int, hidden: list[int], name: str, device: torch.device) -> MTSAC:
+def _update(k: int, hidden: list[int], name: str, device: torch.device) -> SACUpdate:
+    """The full update the trainer runs with combiner (or optimizer) `name`, on freshly initialised networks."""
     optimizer = "adatask" if name == "adatask" else "adam"
     combiner = make_combiner("mean" if name == "adatask" else name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        agent = MTSAC(
-            OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=hidden), combiner, ["critic", "actor"], optimizer
-        )
-    return agent.to(device)
+        agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=hidden)).to(device)
+    optimization = Optimization(agent.params, optimizer, agent.learning_rates, k)
+    return SACUpdate(agent, optimization, combiner, ["critic", "actor"])
 
 
 def bench_update(
@@ -78,17 +79,14 @@ def bench_update(
             batch = synthetic_batch(k, b, OBS_DIM, device, gen)
 
             # the critic loss alone: Jacobian vs mean-loss backward, on identical inputs
-            ref = _agent(k, hidden, "mean", device)
-            target = batch.reward.clone()
-            shared, task = ref.params["critic"]
-            objective = TaskObjective("critic", ref._critic_loss, shared, task, (batch.obs, batch.action, target))
+            objective = _update(k, hidden, "mean", device).agent.critic_objective(batch, batch.reward.clone())
             jacobian_ms = median_ms(lambda o=objective: task_jacobian(o), device, repeats)
             mean_backward_ms = median_ms(lambda o=objective: mean_backward(o), device, repeats)
 
             mean_update_ms = None
             for name in combiners:
-                agent = _agent(k, hidden, name, device)
-                update_ms = median_ms(lambda a=agent, x=batch, g=gen, c=cpu_gen: a.update(x, g, c), device, repeats)
+                update = _update(k, hidden, name, device)
+                update_ms = median_ms(lambda u=update, x=batch, g=gen, c=cpu_gen: u(x, g, c), device, repeats)
                 if name == "mean":
                     mean_update_ms = update_ms
                 records.append(

@@ -8,20 +8,20 @@ opens the logger, once the run is known to start: a rejected resume leaves the d
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mtrl import checkpoint as ckpt
-from mtrl.buffer import Batch, MultiTaskReplayBuffer
+from mtrl.buffer import MultiTaskReplayBuffer
 from mtrl.combiners import Combiner, make_combiner
 from mtrl.config import Config, ConfigError, to_yaml
 from mtrl.envs import EnvBackend, make_backend
 from mtrl.evaluation import Evaluator
 from mtrl.logger import MetricLogger
-from mtrl.sac import MTSAC, UpdateResult
+from mtrl.optim import Optimization
+from mtrl.sac import MTSAC, SACUpdate
 
 
 def set_cpu_threads(requested: int = 0) -> int:
@@ -49,10 +49,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# One learning step: (batch, generator of the policy noise, CPU generator of the combiners, diagnostics?).
-UpdateFn = Callable[[Batch, torch.Generator, torch.Generator, bool], UpdateResult]
-
-
 @dataclass
 class Parts:
     """Everything a run is made of. Their states are what `mtrl.runstate.RunState` captures."""
@@ -69,8 +65,8 @@ class Parts:
     gen_device: torch.Generator  # replay sampling and policy noise, on the training device
     combiner: Combiner
     agent: MTSAC
-    update: UpdateFn
-    optimizers: dict[str, torch.optim.Optimizer]
+    learner: SACUpdate  # one update: (batch, noise generator, combiner generator, diagnostics?) -> result
+    optimization: Optimization
     buffer: MultiTaskReplayBuffer
 
     @property
@@ -94,17 +90,11 @@ def build(cfg: Config) -> Parts:
     combiner = make_combiner(cfg.combiner.name, **cfg.combiner.hyper_parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # weight initialisation only; the global RNG is restored after
-        agent = MTSAC(
-            obs_dim,
-            act_dim,
-            len(tasks),
-            cfg.agent,
-            combiner,
-            list(cfg.combiner.networks),
-            optimizer=cfg.optimizer.name,
-            grad_clip_norm=cfg.train.grad_clip_norm,
-            q_target_clip=cfg.train.q_target_clip,
-        ).to(device)
+        agent = MTSAC(obs_dim, act_dim, len(tasks), cfg.agent).to(device)
+    optimization = Optimization(
+        agent.params, cfg.optimizer.name, agent.learning_rates, len(tasks), cfg.train.grad_clip_norm
+    )
+    update = SACUpdate(agent, optimization, combiner, cfg.combiner.networks, cfg.train.q_target_clip)
     per_task = max(1, cfg.train.buffer_capacity // len(tasks))
     buffer_device = _buffer_device(cfg.train.buffer_device, device, len(tasks), per_task, obs_dim, act_dim)
     return Parts(
@@ -120,8 +110,8 @@ def build(cfg: Config) -> Parts:
         gen_device=torch.Generator(device=device).manual_seed(cfg.seed + 1),
         combiner=combiner,
         agent=agent,
-        update=agent.update,
-        optimizers=agent.optimizers,
+        learner=update,
+        optimization=optimization,
         buffer=MultiTaskReplayBuffer(len(tasks), per_task, obs_dim, act_dim, buffer_device),
     )
 

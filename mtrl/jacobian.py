@@ -47,27 +47,28 @@ class TaskObjective:
 _IN_DIMS = (None, 0, 0, None)
 
 
-def task_losses(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
-    """The K per-task losses (and aux), differentiable w.r.t. the real parameters."""
-    o = objective
-    return vmap(o.loss_fn, in_dims=_IN_DIMS)(dict(o.shared), dict(o.task), o.inputs, o.consts)
-
-
 def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     """`.grad` of shared parameters = grad of mean_k L_k; task-specific ones get grad of their own L_k.
 
     One backward of `sum_k L_k` gives every task-specific slice its own task's gradient; the
     shared gradients are then divided by K, which is exactly `loss.mean().backward()` for them.
+    The backward is `torch.func.grad`, like the Jacobian's, so that it traces into a compiled graph.
     """
-    losses, aux = task_losses(objective)
-    params = objective.parameters()
-    grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    o = objective
+
+    def summed_loss(shared: Params, task: Params):
+        losses, aux = vmap(o.loss_fn, in_dims=_IN_DIMS)(shared, task, o.inputs, o.consts)
+        return losses.sum(), (losses.detach(), aux)
+
+    shared = {name: p.detach() for name, p in o.shared.items()}
+    task = {name: p.detach() for name, p in o.task.items()}
+    (g_shared, g_task), (losses, aux) = grad(summed_loss, argnums=(0, 1), has_aux=True)(shared, task)
     k = objective.num_tasks
-    for p, g in zip(params, grads, strict=True):
-        p.grad = torch.zeros_like(p) if g is None else g
-    for p in objective.shared.values():
-        p.grad.div_(k)
-    return losses.detach(), aux
+    for name, p in o.shared.items():
+        p.grad = g_shared[name].div_(k)
+    for name, p in o.task.items():
+        p.grad = g_task[name]
+    return losses, aux
 
 
 @dataclass

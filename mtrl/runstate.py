@@ -77,7 +77,7 @@ class RunState:
             dims={"obs": parts.obs_dim, "act": parts.act_dim, "tasks": parts.num_tasks},
             progress=progress,
             agent=parts.agent.state_dict(),
-            optimizers={name: opt.state_dict() for name, opt in parts.optimizers.items()},
+            optimizers=parts.optimization.state_dict(),
             combiner=parts.combiner.state_dict(),
             rng={"cpu": parts.gen_cpu.get_state(), "device": parts.gen_device.get_state()},
             buffer=parts.buffer.state_dict() if cfg.checkpoint.save_buffer else None,
@@ -102,8 +102,7 @@ class RunState:
         progress = copy.deepcopy(self.progress)
         try:
             parts.agent.load_state_dict(self.agent)
-            for name, opt in parts.optimizers.items():
-                opt.load_state_dict(self.optimizers[name])
+            parts.optimization.load_state_dict(self.optimizers)
             parts.combiner.load_state_dict(self.combiner)
             if self.buffer is not None:
                 parts.buffer.load_state_dict(self.buffer)

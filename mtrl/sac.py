@@ -1,74 +1,59 @@
-"""Multi-task SAC: per-task losses, and one update that reads top to bottom.
+"""Multi-task SAC: the agent's networks and per-task losses, and one update that reads top to bottom.
 
-Each update builds K per-task losses for the critics, the actor and the temperature. For every
-network, the losses go through one stage: per-task gradients of the shared parameters ->
-combiner -> `.grad` -> optimizer step. Nothing is stepped until every loss and gradient of the
-update is known to be finite, so a bad batch changes neither weights nor optimizer state.
-The maths, with the choices made here, is in docs/mtsac.md.
+`MTSAC` holds the actor, the twin critics and their targets, the temperatures, the per-task losses
+and `act`. `SACUpdate` is one update on a stratified batch:
+
+    Bellman target -> critic gradients -> actor gradients -> temperature gradients
+        -> one finiteness decision -> step (optimizers, then the target critics)
+
+Every network's per-task losses become `.grad` the same way (`network_gradients`): the combiner's
+direction for the shared parameters, each task's own gradient for the task-specific ones. Nothing
+is stepped until every loss and gradient of the update is known to be finite, so a bad batch
+changes neither weights nor optimizer state. The maths, with the choices made here, is in
+docs/mtsac.md.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from mtrl.buffer import Batch
 from mtrl.combiners import Combiner
+from mtrl.combiners.diagnostics import gradient_diagnostics
 from mtrl.config import AgentConfig
-from mtrl.jacobian import (
-    TaskGradients,
-    TaskObjective,
-    mean_backward,
-    task_jacobian,
-    write_shared_grad,
-    write_task_grads,
-)
+from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian, write_shared_grad, write_task_grads
 from mtrl.networks import Actor, TwinCritic, squashed_sample, task_parameter_names
+from mtrl.optim import NetworkParameters, Optimization
 
 NETWORKS = ("critic", "actor", "alpha")
 
 
-@dataclass
-class UpdateResult:
-    finite: bool
-    metrics: dict[str, torch.Tensor]  # scalars and per-task vectors, still on the device
-
-
-@dataclass
-class StageResult:
-    """What one network's stage leaves besides `.grad`: per-task losses and aux, and which tasks took part."""
-
-    losses: torch.Tensor  # [K]; NaN for tasks that were not drawn
-    aux: torch.Tensor  # [K]; NaN for tasks that were not drawn
-    finite: torch.Tensor  # whether every computed loss is finite (a 0-d bool on the device)
-    drawn: torch.Tensor | None  # indices of the drawn tasks; None: every task
-    task_matrix: torch.Tensor | None  # [K, n] shared-parameter gradients, kept for task-wise optimizers
-
-
-def split_parameters(module: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+def split_parameters(module: nn.Module) -> NetworkParameters:
     """(shared, task-specific) parameters of `module`; task-specific ones have a leading task dimension."""
     task_names = task_parameter_names(module)
     shared, task = {}, {}
     for name, p in module.named_parameters():
         (task if name in task_names else shared)[name] = p
-    return shared, task
+    return NetworkParameters(shared, task)
 
 
 def soft_bellman_target(
-    reward: torch.Tensor,
-    terminated: torch.Tensor,
-    q1_next: torch.Tensor,
-    q2_next: torch.Tensor,
-    next_logp: torch.Tensor,
-    alpha: torch.Tensor,
+    reward: Tensor,
+    terminated: Tensor,
+    q1_next: Tensor,
+    q2_next: Tensor,
+    next_logp: Tensor,
+    alpha: Tensor,
     gamma: float,
     clip: float | None = None,
-) -> torch.Tensor:
+) -> Tensor:
     """r + γ (1 − terminated) (min(Q1', Q2') − α log π(a'|s')), all `[K, B]` except α `[K]`.
 
     Only a real termination stops the bootstrap: at a time limit, s' is the true final observation
@@ -85,19 +70,20 @@ def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+def policy_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Standard normal noise drawn on `generator`'s own device, then moved to `device`.
+
+    The update draws all its noise here, so a CPU generator can drive an update on a GPU (the
+    stream then does not depend on where the update runs); with a generator on `device` this is
+    `torch.randn(..., device=device)`.
+    """
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
 class MTSAC(nn.Module):
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        num_tasks: int,
-        cfg: AgentConfig,
-        combiner: Combiner,
-        combined: list[str],
-        optimizer: str = "adam",
-        grad_clip_norm: float | None = None,
-        q_target_clip: float | None = None,
-    ):
+    """Actor, twin critics and their targets, and the temperatures of K tasks, with their per-task losses."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, cfg: AgentConfig):
         super().__init__()
         multihead = cfg.variant == "multihead"
         self.cfg, self.num_tasks, self.act_dim = cfg, num_tasks, act_dim
@@ -107,32 +93,21 @@ class MTSAC(nn.Module):
         n_alpha = 1 if cfg.shared_temperature else num_tasks
         self.log_alpha = nn.Parameter(torch.full((n_alpha,), math.log(cfg.init_temperature)))
         self.target_entropy = -float(act_dim) if cfg.target_entropy is None else cfg.target_entropy
-        self.combiner, self.combined = combiner, set(combined)
-        self.optimizer_name = optimizer
-        self.grad_clip_norm, self.q_target_clip = grad_clip_norm, q_target_clip
-
-        self.params: dict[str, tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]] = {
+        self.params: dict[str, NetworkParameters] = {
             "critic": split_parameters(self.critic),
             "actor": split_parameters(self.actor),
-            "alpha": ({"log_alpha": self.log_alpha}, {})
+            "alpha": NetworkParameters({"log_alpha": self.log_alpha}, {})
             if cfg.shared_temperature
-            else ({}, {"log_alpha": self.log_alpha}),
+            else NetworkParameters({}, {"log_alpha": self.log_alpha}),
         }
-        lrs = {"critic": cfg.critic_lr, "actor": cfg.actor_lr, "alpha": cfg.alpha_lr}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        for net, (shared, task) in self.params.items():
-            if optimizer == "adatask" and shared:
-                from mtrl.adatask import AdaTask
 
-                self.optimizers[f"{net}_shared"] = AdaTask(list(shared.values()), num_tasks, lr=lrs[net])
-                if task:
-                    self.optimizers[net] = torch.optim.Adam(list(task.values()), lr=lrs[net])
-            else:
-                self.optimizers[net] = torch.optim.Adam([*shared.values(), *task.values()], lr=lrs[net])
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        return {"critic": self.cfg.critic_lr, "actor": self.cfg.actor_lr, "alpha": self.cfg.alpha_lr}
 
     # ----- acting -------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False):
+    def act(self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False) -> Tensor:
         """One action per task for `obs` of shape [K, obs_dim] (a sample, or the mean action)."""
         obs = obs.unsqueeze(1)  # [K, 1, obs_dim]: multi-head layers need the task dimension first
         if deterministic:
@@ -140,7 +115,7 @@ class MTSAC(nn.Module):
         noise = torch.randn(*obs.shape[:2], self.act_dim, generator=generator, device=obs.device)
         return self.actor.sample(obs, noise)[0].squeeze(1)
 
-    def alpha(self) -> torch.Tensor:
+    def alpha(self) -> Tensor:
         """Per-task temperatures, shape [K]."""
         return self.log_alpha.detach().exp().expand(self.num_tasks)
 
@@ -167,26 +142,19 @@ class MTSAC(nn.Module):
 
     # ----- the objectives of one update ----------------------------------------------------
     @torch.no_grad()
-    def bellman_target(self, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
-        """Soft Bellman targets `[K, B]` of the batch, with next actions drawn from `noise`."""
+    def bellman_target(self, batch: Batch, noise: Tensor, clip: float | None = None) -> Tensor:
+        """Soft Bellman targets `[K, B]` of the batch, with next actions drawn from `noise`, clamped to ±`clip`."""
         next_action, next_logp = self.actor.sample(batch.next_obs, noise)
         q1_next, q2_next = self.critic_target(batch.next_obs, next_action)
         return soft_bellman_target(
-            batch.reward,
-            batch.terminated,
-            q1_next,
-            q2_next,
-            next_logp,
-            self.alpha(),
-            self.cfg.gamma,
-            self.q_target_clip,
+            batch.reward, batch.terminated, q1_next, q2_next, next_logp, self.alpha(), self.cfg.gamma, clip
         )
 
-    def critic_objective(self, batch: Batch, target: torch.Tensor) -> TaskObjective:
+    def critic_objective(self, batch: Batch, target: Tensor) -> TaskObjective:
         shared, task = self.params["critic"]
         return TaskObjective("critic", self._critic_loss, shared, task, (batch.obs, batch.action, target))
 
-    def actor_objective(self, batch: Batch, noise: torch.Tensor) -> TaskObjective:
+    def actor_objective(self, batch: Batch, noise: Tensor) -> TaskObjective:
         """Task k's policy against task k's critic: task-specific critic parameters (multi-head
         layers) are sliced per task like the inputs, shared ones are constants."""
         k, b = batch.reward.shape
@@ -202,171 +170,233 @@ class MTSAC(nn.Module):
             "actor", self._actor_loss, shared, task, inputs, ({n: p.detach() for n, p in critic_shared.items()},)
         )
 
-    def alpha_objective(self, mean_logp: torch.Tensor) -> TaskObjective:
+    def alpha_objective(self, mean_logp: Tensor) -> TaskObjective:
         shared, task = self.params["alpha"]
         return TaskObjective("alpha", self._alpha_loss, shared, task, (mean_logp,))
 
-    # ----- the update ----------------------------------------------------------------------
-    def update(
+
+# ----- from per-task losses to `.grad` -------------------------------------------------------
+@dataclass
+class NetworkGradients:
+    """What one network's gradients leave besides `.grad`."""
+
+    losses: Tensor  # [K]; NaN for tasks that were not drawn
+    aux: Tensor  # [K]; NaN for tasks that were not drawn
+    finite: Tensor  # whether every computed loss is finite (a 0-d bool on the device)
+    drawn: Tensor | None  # indices of the tasks that took part; None: every task
+    matrix: Tensor | None = None  # [k, n] per-task gradients of the shared parameters, when computed
+    update: Tensor | None = None  # the direction written to the shared `.grad`, when `matrix` was computed
+    weights: Tensor | None = None  # the combiner's task weights of `update`, when a combiner ran
+
+
+def network_gradients(
+    objective: TaskObjective,
+    combiner: Combiner | None,
+    tasks: Tensor | None,
+    generator: torch.Generator | None,
+    per_task: bool,
+) -> NetworkGradients:
+    """Write `.grad` of one network from its K per-task losses.
+
+    Shared parameters get the combiner's direction d = combiner(G), the plain mean of the rows when
+    `combiner` is None; task-specific parameters get their own task's gradient. G, the per-task
+    gradient matrix of the shared parameters, is computed in one batched pass (for `tasks` only,
+    when given) if `per_task` is set or the combiner needs it; otherwise one backward of the summed
+    losses gives the same `.grad` as the mean.
+    """
+    if not per_task and (combiner is None or not combiner.needs_jacobian):
+        losses, aux = mean_backward(objective)
+        return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
+    grads = task_jacobian(objective, tasks)
+    write_task_grads(objective.task, grads.task, tasks)
+    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, generator=generator)
+    write_shared_grad(objective.shared, update)
+    losses, aux = grads.losses, grads.aux
+    finite = torch.isfinite(losses).all()
+    if tasks is not None:  # tasks that were not drawn have no loss this update
+        losses = losses.new_full((objective.num_tasks,), float("nan")).index_copy(0, tasks, losses)
+        aux = aux.new_full((objective.num_tasks,), float("nan")).index_copy(0, tasks, aux)
+    weights = None if combiner is None else combiner.last_weights
+    return NetworkGradients(losses, aux, finite, tasks, grads.matrix, update, weights)
+
+
+def all_finite(tensors: Iterable[Tensor]) -> Tensor:
+    """Whether every entry of every tensor is finite, as a 0-d bool on their device (no host read)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+# ----- the update ----------------------------------------------------------------------------
+@dataclass
+class UpdateResult:
+    finite: bool
+    metrics: dict[str, Tensor]  # scalars and per-task vectors, still on the device
+
+
+@dataclass
+class UpdateGradients:
+    """One update up to its finiteness decision: every network's gradients, the metrics, and the decision."""
+
+    critic: NetworkGradients
+    actor: NetworkGradients
+    alpha: NetworkGradients
+    finite: Tensor  # 0-d bool on the device
+    metrics: dict[str, Tensor]
+
+
+class UpdateHook:
+    """Points inside an update where tests and instrumentation may look (and, for gradients, write).
+
+    Subclass and override what you need; pass instances to `SACUpdate(hooks=...)` or append them
+    to its `hooks` list.
+    """
+
+    def on_target(self, target: Tensor) -> None:
+        """The Bellman targets `[K, B]` of this update, as the critic loss uses them."""
+
+    def on_gradients(self, network: str, parameters: list[nn.Parameter]) -> None:
+        """`network`'s `.grad` has been written; the finiteness decision, next, sees changes made here."""
+
+    def on_step(self, network: str, parameters: list[nn.Parameter]) -> None:
+        """`network` is about to step: `.grad` as its optimizer steps on it (clipped)."""
+
+
+class SACUpdate:
+    """One multi-task SAC update: `update(batch, generator, combiner_generator, diagnostics)`.
+
+    `combined` names the networks whose shared parameters go through `combiner` (the others get
+    the plain mean); a task-wise optimizer (AdaTask) replaces the combiner. `q_target_clip` clamps
+    the Bellman targets. `generator` draws the policy noise; `combiner_generator` (on the CPU) draws
+    a sampling combiner's tasks and any randomness of the combiner itself.
+
+    Between the sampled batch and the finiteness read, the update (`gradients`) is a function of
+    tensors with no host synchronisation and, except for a sampling combiner's subset (SDMGrad-OS,
+    drawn on the CPU before anything else), fixed shapes.
+    """
+
+    def __init__(
+        self,
+        agent: MTSAC,
+        optimization: Optimization,
+        combiner: Combiner,
+        combined: Iterable[str] = ("critic", "actor"),
+        q_target_clip: float | None = None,
+        hooks: Sequence[UpdateHook] = (),
+    ):
+        unknown = sorted(set(combined) - set(NETWORKS))
+        if unknown:
+            raise ValueError(f"unknown network(s) {unknown} to combine; choose from: {', '.join(NETWORKS)}")
+        self.agent, self.optimization, self.combiner = agent, optimization, combiner
+        self.q_target_clip = q_target_clip
+        self.hooks = list(hooks)
+        # The networks combined for real (a network without shared parameters has nothing to
+        # combine): they get the combiner's tasks and direction, and the diagnostics.
+        self.combined = [net for net in NETWORKS if net in combined and agent.params[net].shared]
+        self.combiners: dict[str, Combiner | None] = {
+            net: combiner if net in self.combined and not optimization[net].takes_task_gradients else None
+            for net in NETWORKS
+        }
+
+    def __call__(
         self,
         batch: Batch,
         generator: torch.Generator,
         combiner_generator: torch.Generator,
         diagnostics: bool = False,
     ) -> UpdateResult:
-        """One SAC update on a stratified batch: target -> critic -> actor -> temperature -> one
-        finiteness decision -> step. `generator` draws the policy noise (on the batch's device);
-        `combiner_generator` (CPU) draws task subsets and PCGrad's orders."""
+        """One update on a stratified batch `[K, B, ...]`; skipped whole (nothing stepped) unless finite."""
         k, b = batch.reward.shape
         device = batch.obs.device
-        next_noise = torch.randn(k, b, self.act_dim, generator=generator, device=device)
-        target = self.bellman_target(batch, next_noise)
-        tasks = self._draw_tasks(k, combiner_generator, device)
-        actor_noise = torch.randn(k, b, self.act_dim, generator=generator, device=device)
-        metrics: dict[str, torch.Tensor] = {}
+        next_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
+        tasks = self.draw_tasks(k, combiner_generator, device)
+        actor_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
+        gradients = self.gradients(batch, next_noise, actor_noise, tasks, combiner_generator, diagnostics)
+        finite = bool(gradients.finite)  # the update's one host synchronisation
+        if finite:
+            self.step(gradients)
+        self.agent.zero_grad(set_to_none=True)
+        return UpdateResult(finite, gradients.metrics)
 
-        def stage(objective: TaskObjective) -> StageResult:
-            return self._stage(objective, tasks, combiner_generator, diagnostics, metrics)
-
-        critic = stage(self.critic_objective(batch, target))
-        actor = stage(self.actor_objective(batch, actor_noise))
-        # A task whose actor loss was not drawn has no log-prob this update: the target entropy's
-        # value gives its temperature a zero gradient, and `_step` leaves it untouched anyway.
-        mean_logp = actor.aux
-        if actor.drawn is not None:
-            mean_logp = torch.full_like(actor.aux, -self.target_entropy).index_copy(
-                0, actor.drawn, actor.aux.index_select(0, actor.drawn)
-            )
-        temperature = stage(self.alpha_objective(mean_logp))
-        stages = {"critic": critic, "actor": actor, "alpha": temperature}
-
-        finite = torch.stack([s.finite for s in stages.values()]).all()
-        for net, s in stages.items():
-            for p in self._parameters_of(net):
-                finite &= torch.isfinite(p.grad).all()
-            metrics[f"loss/{net}"] = s.losses
-        metrics["q_mean"] = critic.aux
-        metrics["entropy"] = -actor.aux
-        metrics["alpha"] = self.alpha()
-        ok = bool(finite.item())  # the update's one host sync
-        if ok:
-            self._step(stages)
-        self.zero_grad(set_to_none=True)
-        return UpdateResult(ok, metrics)
-
-    def _draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
-        """The tasks this update's combined losses use (None: all of them)."""
+    def draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
+        """The tasks this update's combined losses use (None: all of them), drawn before any gradient."""
         if not self.combined:
             return None
         tasks = self.combiner.select_tasks(k, generator)
         return None if tasks.numel() == k else tasks.to(device)
 
-    def _parameters_of(self, net: str) -> list[nn.Parameter]:
-        shared, task = self.params[net]
-        return [*shared.values(), *task.values()]
-
-    def _stage(
+    def gradients(
         self,
+        batch: Batch,
+        next_noise: Tensor,
+        actor_noise: Tensor,
+        tasks: Tensor | None,
+        combiner_generator: torch.Generator | None = None,
+        diagnostics: bool = False,
+    ) -> UpdateGradients:
+        """Targets, then the critic's, the actor's and the temperature's `.grad`, the metrics, and
+        whether everything is finite. All losses see the parameters from before this update."""
+        agent = self.agent
+        target = agent.bellman_target(batch, next_noise, self.q_target_clip)
+        for hook in self.hooks:
+            hook.on_target(target)
+        critic = self._network_gradients(
+            "critic", agent.critic_objective(batch, target), tasks, combiner_generator, diagnostics
+        )
+        actor = self._network_gradients(
+            "actor", agent.actor_objective(batch, actor_noise), tasks, combiner_generator, diagnostics
+        )
+        # A task whose actor loss was not drawn has no log-prob this update: the target entropy's
+        # value gives its temperature a zero gradient, and the step leaves it untouched anyway.
+        mean_logp = actor.aux
+        if actor.drawn is not None:
+            mean_logp = torch.full_like(actor.aux, -agent.target_entropy).index_copy(
+                0, actor.drawn, actor.aux.index_select(0, actor.drawn)
+            )
+        alpha = self._network_gradients(
+            "alpha", agent.alpha_objective(mean_logp), tasks, combiner_generator, diagnostics
+        )
+
+        finite = torch.stack([critic.finite, actor.finite, alpha.finite]).all() & all_finite(
+            p.grad for net in NETWORKS for p in agent.params[net].all()
+        )
+        metrics = {
+            "loss/critic": critic.losses,
+            "loss/actor": actor.losses,
+            "loss/alpha": alpha.losses,
+            "q_mean": critic.aux,
+            "entropy": -actor.aux,
+            "alpha": agent.alpha(),
+        }
+        if diagnostics:
+            for net, grads in (("critic", critic), ("actor", actor), ("alpha", alpha)):
+                if net in self.combined:
+                    metrics.update(gradient_diagnostics(net, grads.matrix, grads.update, grads.weights))
+        return UpdateGradients(critic, actor, alpha, finite, metrics)
+
+    def _network_gradients(
+        self,
+        net: str,
         objective: TaskObjective,
-        tasks: torch.Tensor | None,
-        generator: torch.Generator,
+        tasks: Tensor | None,
+        generator: torch.Generator | None,
         diagnostics: bool,
-        metrics: dict,
-    ) -> StageResult:
-        """Per-task gradients -> combiner -> `.grad` for one network."""
-        net = objective.name
-        shared, task = objective.shared, objective.task
-        combined = net in self.combined and bool(shared)
-        drawn = tasks if combined else None
-        task_wise = self.optimizer_name == "adatask" and bool(shared)
-        if not (task_wise or (combined and (self.combiner.needs_jacobian or diagnostics or drawn is not None))):
-            losses, aux = mean_backward(objective)
-            return StageResult(losses, aux, torch.isfinite(losses).all(), None, None)
-        grads: TaskGradients = task_jacobian(objective, drawn)
-        write_task_grads(task, grads.task, grads.tasks)
-        if task_wise:  # the shared .grad (the mean) feeds the finiteness check and the clipping norm
-            update = grads.matrix.mean(0)
-        else:
-            update = self.combiner(grads.matrix, generator=generator) if combined else grads.matrix.mean(0)
-        write_shared_grad(shared, update)
-        if diagnostics and combined:
-            metrics.update(gradient_diagnostics(net, grads.matrix, update, self.combiner.last_weights))
-        losses, aux = grads.losses, grads.aux
-        finite = torch.isfinite(losses).all()
-        if drawn is not None:  # tasks that were not drawn have no loss this update
-            losses = losses.new_full((self.num_tasks,), float("nan")).index_copy(0, drawn, losses)
-            aux = aux.new_full((self.num_tasks,), float("nan")).index_copy(0, drawn, aux)
-        return StageResult(losses, aux, finite, drawn, grads.matrix if task_wise else None)
+    ) -> NetworkGradients:
+        combiner = self.combiners[net]
+        per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.combined)
+        grads = network_gradients(objective, combiner, None if combiner is None else tasks, generator, per_task)
+        for hook in self.hooks:
+            hook.on_gradients(net, objective.parameters())
+        return grads
 
-    def _step(self, stages: dict[str, StageResult]) -> None:
-        """Clip, step every optimizer, then the target critics.
+    def step(self, gradients: UpdateGradients) -> None:
+        """Clip and step every network, then move the target critics.
 
-        The task-specific slices of tasks that took no part in a stage (and their optimizer
-        moments) are put back after the step: a zero gradient would still move them through
-        Adam's momentum. The temperature of a task follows its actor loss.
+        Tasks that took no part in a network's losses keep its task-specific slices and their
+        optimizer moments; a task's temperature follows its actor loss.
         """
-        drawn = {net: s.drawn for net, s in stages.items()}
-        drawn["alpha"] = stages["actor"].drawn
-        saved = [self._undrawn_slices(net, tasks) for net, tasks in drawn.items() if tasks is not None]
-        if self.grad_clip_norm is not None:
-            for net, s in stages.items():
-                norm = torch.nn.utils.clip_grad_norm_(self._parameters_of(net), self.grad_clip_norm)
-                if s.task_matrix is not None:  # a task-wise optimizer steps on the rows: clip them alike
-                    s.task_matrix.mul_(torch.clamp(self.grad_clip_norm / (norm + 1e-6), max=1.0))
-        for name, opt in self.optimizers.items():
-            if name.endswith("_shared"):  # AdaTask: consumes the per-task gradient matrix itself
-                opt.step_tasks(stages[name.removesuffix("_shared")].task_matrix)
-            else:
-                opt.step()
-        for slices in saved:
-            _put_back(slices)
-        polyak_update(self.critic_target, self.critic, self.cfg.tau)
-
-    def _undrawn_slices(self, net: str, drawn: torch.Tensor) -> list[tuple]:
-        """Copies of the undrawn tasks' slices of `net`'s task-specific parameters and moments."""
-        _, task = self.params[net]
-        opt = self.optimizers[net]  # holds the task-specific parameters, whatever steps the shared ones
-        out = []
-        for p in task.values():
-            undrawn = torch.ones(p.shape[0], dtype=torch.bool, device=p.device).index_fill_(0, drawn, False)
-            moments = {key: v.clone() for key, v in opt.state.get(p, {}).items() if _is_moment(v, p)}
-            out.append((opt, p, undrawn, p.detach().clone(), moments))
-        return out
-
-
-def _is_moment(value: object, p: nn.Parameter) -> bool:
-    return torch.is_tensor(value) and value.shape == p.shape
-
-
-@torch.no_grad()
-def _put_back(slices: list[tuple]) -> None:
-    for opt, p, undrawn, old, moments in slices:
-        p[undrawn] = old[undrawn]
-        for key, value in opt.state[p].items():
-            if _is_moment(value, p):  # moments created by this very step start from zero
-                value[undrawn] = moments[key][undrawn] if key in moments else 0.0
-
-
-def gradient_diagnostics(net: str, matrix: torch.Tensor, update: torch.Tensor, weights) -> dict[str, torch.Tensor]:
-    """Conflict statistics of the per-task gradients and how the update relates to their mean."""
-    norms = matrix.norm(dim=1)
-    unit = matrix / norms.clamp_min(1e-12)[:, None]
-    cos = unit @ unit.T
-    k = matrix.shape[0]
-    off = ~torch.eye(k, dtype=torch.bool, device=matrix.device)
-    pair_cos = cos[off] if k > 1 else cos.new_ones(1)
-    mean_grad = matrix.mean(0)
-    angle = torch.rad2deg(
-        torch.arccos(torch.clamp(update @ mean_grad / (update.norm() * mean_grad.norm()).clamp_min(1e-12), -1.0, 1.0))
-    )
-    out = {
-        f"combiner/{net}/cos_mean": pair_cos.mean(),
-        f"combiner/{net}/cos_min": pair_cos.min(),
-        f"combiner/{net}/conflict_share": (pair_cos < 0).float().mean(),
-        f"combiner/{net}/grad_norm": norms,
-        f"combiner/{net}/update_angle_deg": angle,
-        f"combiner/{net}/update_norm": update.norm(),
-    }
-    if weights is not None:
-        out[f"combiner/{net}/weights"] = weights
-    return out
+        drawn = {"critic": gradients.critic.drawn, "actor": gradients.actor.drawn, "alpha": gradients.actor.drawn}
+        for net, grads in (("critic", gradients.critic), ("actor", gradients.actor), ("alpha", gradients.alpha)):
+            task_gradients = self.optimization.clip(net, grads.matrix)
+            for hook in self.hooks:
+                hook.on_step(net, self.agent.params[net].all())
+            self.optimization.step(net, task_gradients, drawn[net])
+        polyak_update(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau)

@@ -71,6 +71,8 @@ class Trainer:
     # The parts and progress most often read, as the trainer's own attributes.
     agent = property(lambda self: self.parts.agent)
     combiner = property(lambda self: self.parts.combiner)
+    learner = property(lambda self: self.parts.learner)
+    optimization = property(lambda self: self.parts.optimization)
     buffer = property(lambda self: self.parts.buffer)
     device = property(lambda self: self.parts.device)
     tasks = property(lambda self: self.parts.tasks)
@@ -168,7 +170,7 @@ class Trainer:
         batch = parts.buffer.sample(cfg.train.batch_per_task, parts.gen_device, parts.device)
         every = cfg.combiner.diagnostics_every
         with phase(self.callbacks, "update"):
-            result = parts.update(batch, parts.gen_device, parts.gen_cpu, bool(every) and c.updates % every == 0)
+            result = parts.learner(batch, parts.gen_device, parts.gen_cpu, bool(every) and c.updates % every == 0)
         for callback in self.callbacks:
             callback.on_update(self, result)
         if result.finite:

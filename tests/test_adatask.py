@@ -134,7 +134,9 @@ def test_training_with_adatask_moves_shared_weights_and_stays_finite(tmp_path):
     before = {n: p.detach().clone() for n, p in trainer.agent.critic.named_parameters()}
     assert trainer.train() == 0
     assert trainer.counters.updates == 161 and trainer.counters.bad_updates == 0
-    assert set(trainer.agent.optimizers) == {"critic_shared", "critic", "actor_shared", "actor", "alpha"}
+    # AdaTask takes the shared parameters of the critic and the actor, Adam their heads and the temperatures
+    optimizers = {net: sorted(state) for net, state in trainer.optimization.state_dict().items()}
+    assert optimizers == {"critic": ["adam", "adatask"], "actor": ["adam", "adatask"], "alpha": ["adam"]}
     for name, p in trainer.agent.critic.named_parameters():
         assert torch.isfinite(p).all() and not torch.equal(p, before[name]), name
 

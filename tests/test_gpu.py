@@ -4,7 +4,8 @@ A CUDA run draws its replay indices and policy noise from a generator on the GPU
 differs from the CPU generator's, so a CUDA run and a CPU run part ways at the first update. They
 must agree up to it: warm-up transitions, and an evaluation of the initial policy. After it, a CUDA
 run must not depend on where its replay buffer lives (indices are drawn on the GPU either way), and
-combiners and AdaTask must compute on the GPU what they compute on the CPU.
+combiners and AdaTask must compute on the GPU what they compute on the CPU. An update driven by CPU
+generators draws the same noise on either device.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import torch
 
 from mtrl import load_policy
 from mtrl.adatask import AdaTask
+from mtrl.buffer import Batch
 from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.config import AgentConfig
 from mtrl.envs import make_backend
 from mtrl.evaluation import evaluate
 from mtrl.logger import METRICS_FILE
+from mtrl.optim import Optimization
+from mtrl.sac import MTSAC, SACUpdate
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
 
@@ -148,3 +153,33 @@ def test_a_policy_loaded_on_cuda_acts_and_evaluates_as_on_the_cpu(tmp_path):
     for task, expected in results[0].per_task.items():
         assert results[1].per_task[task]["success"] == expected["success"], task
         assert results[1].per_task[task]["return"] == pytest.approx(expected["return"], rel=1e-4), task
+
+
+def test_a_cpu_generator_drives_a_cuda_update_as_it_drives_a_cpu_one():
+    """The update draws its noise where its generator lives: with CPU generators, a CUDA update sees the
+    same noise as a CPU update, and only rounding separates them."""
+    k, b, obs_dim, act_dim = 3, 16, 8, 2
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(
+        torch.randn(k, b, obs_dim, generator=g),
+        torch.rand(k, b, act_dim, generator=g) * 2 - 1,
+        torch.randn(k, b, generator=g),
+        torch.randn(k, b, obs_dim, generator=g),
+        torch.zeros(k, b),
+        torch.zeros(k, b),
+    )
+    weights = []
+    for device in ("cpu", CUDA):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            agent = MTSAC(obs_dim, act_dim, k, AgentConfig(hidden_sizes=[32, 32])).to(device)
+        optimization = Optimization(agent.params, "adam", agent.learning_rates, k)
+        update = SACUpdate(agent, optimization, make_combiner("cagrad"))
+        on_device = Batch(*(x.to(device) for x in batch))
+        for step in range(3):
+            result = update(on_device, torch.Generator().manual_seed(step), torch.Generator().manual_seed(0))
+            assert result.finite
+        assert next(agent.parameters()).device.type == torch.device(device).type
+        weights.append({name: p.detach().cpu() for name, p in agent.state_dict().items()})
+    for name, p in weights[0].items():
+        torch.testing.assert_close(weights[1][name], p, rtol=1e-4, atol=1e-5, msg=name)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtrl.sac
 from mtrl import checkpoint as ckpt
 from mtrl.buffer import Batch, MultiTaskReplayBuffer
 from mtrl.cli import main
 from mtrl.logger import METRICS_FILE
+from mtrl.sac import SACUpdate, UpdateHook
 from mtrl.trainer import Trainer, TrainingError
 from tests.conftest import TOY_OVERRIDES, toy_config
 
@@ -60,7 +60,7 @@ def agent_state(trainer: Trainer) -> dict:
     return copy.deepcopy(
         {
             "agent": trainer.agent.state_dict(),
-            "optimizers": {name: opt.state_dict() for name, opt in trainer.agent.optimizers.items()},
+            "optimizers": trainer.optimization.state_dict(),
         }
     )
 
@@ -86,8 +86,14 @@ def assert_identical(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-class FaultInjector:
-    """Corrupts the updates whose index is in `schedule`; checks after each that nothing changed."""
+class FaultInjector(UpdateHook):
+    """Corrupts the updates whose index is in `schedule`; checks after each that nothing changed.
+
+    Batches are corrupted as the buffer hands them out; gradients through the update's
+    `on_gradients` hook, after every loss of the update was computed (and found finite).
+    """
+
+    POISON = {"nan critic gradient": ("critic", torch.nan), "inf actor gradient": ("actor", torch.inf)}
 
     def __init__(self, trainer: Trainer, schedule: dict[int, str], monkeypatch):
         self.trainer, self.schedule = trainer, schedule
@@ -110,31 +116,13 @@ class FaultInjector:
             return batch
 
         monkeypatch.setattr(trainer.buffer, "sample", sample)
-        critic_shared = trainer.agent.params["critic"][0]
-        actor_shared = trainer.agent.params["actor"][0]
-        original_backward, original_write = mtrl.sac.mean_backward, mtrl.sac.write_shared_grad
+        trainer.learner.hooks.append(self)
 
-        def mean_backward(objective):
-            out = original_backward(objective)
-            self._poison(objective.shared)
-            return out
-
-        def write_shared_grad(params, update):
-            original_write(params, update)
-            self._poison(params)
-
-        self._targets = {
-            "nan critic gradient": (critic_shared, torch.nan),
-            "inf actor gradient": (actor_shared, torch.inf),
-        }
-        monkeypatch.setattr(mtrl.sac, "mean_backward", mean_backward)
-        monkeypatch.setattr(mtrl.sac, "write_shared_grad", write_shared_grad)
-
-    def _poison(self, params: dict) -> None:
-        target = self._targets.get(self.pending)
-        if target is not None and params is target[0]:
-            first = next(iter(params.values()))
-            first.grad.view(-1)[5] = target[1]
+    def on_gradients(self, network: str, parameters: list[torch.nn.Parameter]) -> None:
+        target = self.POISON.get(self.pending)
+        if target is not None and network == target[0]:
+            shared = parameters[0]  # the first layer's weight: shared by every task in both variants
+            shared.grad.view(-1)[5] = target[1]
 
     def _verify_previous(self) -> None:
         if self.snapshot is not None:
@@ -173,9 +161,10 @@ def test_a_bad_update_writes_nothing_and_a_good_one_does(kind, combiner, tmp_pat
     after = agent_state(trainer)
     with pytest.raises(AssertionError):  # the comparison can fail: a good update does write
         assert_identical(after, before)
-    for name, opt in after["optimizers"].items():
-        steps = {float(s["step"]) for s in opt["state"].values()}
-        assert steps == {float(counts[0] + 1)}, name  # Adam's step count never saw the bad update
+    for net, optimizers in after["optimizers"].items():
+        for name, opt in optimizers.items():
+            steps = {float(s["step"]) for s in opt["state"].values()}
+            assert steps == {float(counts[0] + 1)}, (net, name)  # Adam's step count never saw the bad update
 
 
 @pytest.mark.parametrize(("combiner", "variant"), [("mean", "conditioned"), ("pcgrad", "multihead")])
@@ -261,40 +250,42 @@ def _empty_yaml(d: Path) -> Path:
     return path
 
 
-def _one_update(agent, batch: Batch, noise_state: torch.Tensor) -> dict:
-    """One update of `agent`; returns the critic targets and each optimizer's gradients at its step."""
-    seen: dict = {"grads": {}}
-    original_objective = mtrl.sac.TaskObjective
+class Recorder(UpdateHook):
+    """The critic targets of an update, and each network's gradients as its optimizer steps on them."""
 
-    def objective(name, loss_fn, shared, task, inputs, consts=()):
-        if name == "critic":
-            seen["target"] = inputs[2].clone()
-        return original_objective(name, loss_fn, shared, task, inputs, consts)
+    def __init__(self) -> None:
+        self.target: torch.Tensor | None = None
+        self.grads: dict[str, list[torch.Tensor]] = {}
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mtrl.sac, "TaskObjective", objective)
-        for name, opt in agent.optimizers.items():
+    def on_target(self, target: torch.Tensor) -> None:
+        self.target = target.clone()
 
-            def step(*a, _name=name, _opt=opt, _step=opt.step, **k):
-                seen["grads"][_name] = [p.grad.clone() for g in _opt.param_groups for p in g["params"]]
-                return _step(*a, **k)
+    def on_step(self, network: str, parameters: list[torch.nn.Parameter]) -> None:
+        self.grads[network] = [p.grad.clone() for p in parameters]
 
-            mp.setattr(opt, "step", step)
-        result = agent.update(batch, torch.Generator().set_state(noise_state), torch.Generator().manual_seed(0))
+
+def _one_update(update: SACUpdate, batch: Batch, noise_state: torch.Tensor) -> Recorder:
+    """One update; returns what a `Recorder` saw of it."""
+    recorder = Recorder()
+    update.hooks.append(recorder)
+    try:
+        result = update(batch, torch.Generator().set_state(noise_state), torch.Generator().manual_seed(0))
+    finally:
+        update.hooks.remove(recorder)
     assert result.finite
-    return seen
+    return recorder
 
 
 def test_gradient_clipping_scales_each_network_to_the_bound(tmp_path):
     bound = 0.05
     trainer = _trained(tmp_path / "run", f"train.grad_clip_norm={bound}")
-    assert trainer.agent.grad_clip_norm == bound
-    unclipped = copy.deepcopy(trainer.agent)
-    unclipped.grad_clip_norm = None
+    assert trainer.optimization.grad_clip_norm == bound
+    unclipped = copy.deepcopy(trainer.learner)
+    unclipped.optimization.grad_clip_norm = None
     batch = trainer.buffer.sample(8, torch.Generator().manual_seed(1), trainer.device)
     state = torch.Generator().manual_seed(2).get_state()
-    clipped_grads = _one_update(trainer.agent, batch, state)["grads"]
-    raw_grads = _one_update(unclipped, batch, state)["grads"]
+    clipped_grads = _one_update(trainer.learner, batch, state).grads
+    raw_grads = _one_update(unclipped, batch, state).grads
     assert clipped_grads.keys() == {"critic", "actor", "alpha"}
     exceeded = 0
     for net, raw in raw_grads.items():
@@ -312,16 +303,16 @@ def test_gradient_clipping_scales_each_network_to_the_bound(tmp_path):
 def test_q_target_clipping_clamps_the_bellman_targets(tmp_path):
     bound = 50.0
     trainer = _trained(tmp_path / "run", f"train.q_target_clip={bound}")
-    assert trainer.agent.q_target_clip == bound
-    unclipped = copy.deepcopy(trainer.agent)
+    assert trainer.learner.q_target_clip == bound
+    unclipped = copy.deepcopy(trainer.learner)
     unclipped.q_target_clip = None
     batch = trainer.buffer.sample(8, torch.Generator().manual_seed(1), trainer.device)
     fields = batch._asdict()
     fields["reward"] = torch.linspace(-300.0, 300.0, batch.reward.numel()).reshape(batch.reward.shape)
     batch = Batch(**fields)
     state = torch.Generator().manual_seed(2).get_state()
-    clipped = _one_update(trainer.agent, batch, state)["target"]
-    raw = _one_update(unclipped, batch, state)["target"]
+    clipped = _one_update(trainer.learner, batch, state).target
+    raw = _one_update(unclipped, batch, state).target
     assert raw.abs().max() > 250 and clipped.abs().max() == bound
     assert torch.equal(clipped, raw.clamp(-bound, bound))
     assert (clipped == bound).any() and (clipped == -bound).any() and (clipped.abs() < bound).any()

@@ -16,20 +16,35 @@ import pytest
 import torch
 
 from mtrl.buffer import Batch
-from mtrl.combiners import make_combiner
+from mtrl.combiners import Combiner, make_combiner
 from mtrl.config import AgentConfig
 from mtrl.jacobian import mean_backward, task_jacobian
 from mtrl.networks import squashed_sample
-from mtrl.sac import MTSAC, polyak_update, soft_bellman_target
+from mtrl.optim import Optimization
+from mtrl.sac import MTSAC, SACUpdate, policy_noise, polyak_update, soft_bellman_target
 
 K, B, OBS, ACT = 3, 5, 6, 2
 
 
-def make_agent(variant: str, combiner: str = "mean", networks=("critic", "actor"), **agent) -> MTSAC:
+def make_agent(variant: str, **agent) -> MTSAC:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         cfg = AgentConfig(variant=variant, hidden_sizes=[8, 7], init_temperature=0.3, **agent)
-        return MTSAC(OBS + K, ACT, K, cfg, make_combiner(combiner), list(networks)).double()
+        return MTSAC(OBS + K, ACT, K, cfg).double()
+
+
+def make_update(
+    variant: str,
+    combiner: Combiner | str = "mean",
+    networks=("critic", "actor"),
+    optimizer: str = "adam",
+    grad_clip_norm: float | None = None,
+    **agent,
+) -> SACUpdate:
+    """The update the trainer would build for this agent, combiner and optimizer."""
+    model = make_agent(variant, **agent)
+    optimization = Optimization(model.params, optimizer, model.learning_rates, K, grad_clip_norm)
+    return SACUpdate(model, optimization, make_combiner(combiner) if isinstance(combiner, str) else combiner, networks)
 
 
 def make_batch(seed: int = 1, terminated: float = 0.0, truncated: float = 0.0) -> Batch:
@@ -214,9 +229,10 @@ def test_temperature_rises_when_entropy_is_below_target_and_falls_above():
     # target entropy −|A| = −2; the entropy estimate −log π is below it exactly when log π > 2
     for mean_logp, direction in [(3.0, 1.0), (10.0, 1.0), (1.0, -1.0), (-6.0, -1.0)]:
         agent = make_agent("conditioned")
+        optimization = Optimization(agent.params, "adam", agent.learning_rates, K)
         mean_backward(agent.alpha_objective(torch.full((K,), mean_logp, dtype=torch.float64)))
         before = agent.log_alpha.detach().clone()
-        agent.optimizers["alpha"].step()
+        optimization.step("alpha")
         change = agent.log_alpha.detach() - before
         entropy_below_target = -mean_logp < agent.target_entropy
         assert entropy_below_target == (direction > 0)
@@ -232,21 +248,22 @@ def test_polyak_update_moves_targets_by_tau():
 
 
 def test_an_update_steps_the_target_critic_by_tau_towards_the_stepped_critic():
-    agent = make_agent("multihead")
+    update = make_update("multihead")
+    agent = update.agent
     before = copy.deepcopy(agent.critic_target.state_dict())
-    result = agent.update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
+    result = update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
     assert result.finite
     tau = agent.cfg.tau
     for name, p in agent.critic_target.state_dict().items():
         torch.testing.assert_close(p, (1 - tau) * before[name] + tau * agent.critic.state_dict()[name])
 
 
-def _task_slices(agent: MTSAC) -> dict[str, torch.Tensor]:
+def _task_slices(update: SACUpdate) -> dict[str, torch.Tensor]:
     """Every task-specific tensor (parameters and their Adam moments), cloned."""
     out = {}
     for net in ("critic", "actor", "alpha"):
-        opt = agent.optimizers[net]
-        for name, p in agent.params[net][1].items():
+        opt = update.optimization[net].task_optimizer
+        for name, p in update.agent.params[net].task.items():
             out[f"{net}.{name}"] = p.detach().clone()
             for key in ("exp_avg", "exp_avg_sq"):
                 out[f"{net}.{name}.{key}"] = opt.state[p][key].clone()
@@ -254,19 +271,18 @@ def _task_slices(agent: MTSAC) -> dict[str, torch.Tensor]:
 
 
 def test_tasks_not_drawn_keep_heads_temperature_and_moments_bit_for_bit():
-    agent = make_agent("multihead", "sdmgrad_os")
-    agent.combiner = make_combiner("sdmgrad_os", n=1)
+    update = make_update("multihead", make_combiner("sdmgrad_os", n=1))
     combiner_gen = torch.Generator().manual_seed(3)
     noise_gen = torch.Generator().manual_seed(4)
     for _ in range(3):  # Adam has momentum in every slice before the update under test
-        agent.update(make_batch(), noise_gen, combiner_gen)
+        update(make_batch(), noise_gen, combiner_gen)
     subset_seen = False
     for step in range(6):
-        drawn = agent.combiner.select_tasks(K, torch.Generator().set_state(combiner_gen.get_state()))
+        drawn = update.combiner.select_tasks(K, torch.Generator().set_state(combiner_gen.get_state()))
         undrawn = [k for k in range(K) if k not in drawn.tolist()]
-        before = _task_slices(agent)
-        assert agent.update(make_batch(10 + step), noise_gen, combiner_gen).finite
-        after = _task_slices(agent)
+        before = _task_slices(update)
+        assert update(make_batch(10 + step), noise_gen, combiner_gen).finite
+        after = _task_slices(update)
         for key, value in before.items():
             for k in range(K):
                 unchanged = torch.equal(after[key][k], value[k])
@@ -279,13 +295,11 @@ def test_adatask_steps_on_clipped_task_gradients():
     """`train.grad_clip_norm` bounds what AdaTask steps on, as it bounds what Adam steps on."""
 
     def shared_step(clip: float | None) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            cfg = AgentConfig(hidden_sizes=[8, 7])
-            agent = MTSAC(OBS + K, ACT, K, cfg, make_combiner("mean"), ["critic", "actor"], "adatask", clip).double()
-        before = agent.critic.q1.trunk[0].weight.detach().clone()
-        agent.update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
-        return (agent.critic.q1.trunk[0].weight.detach() - before).abs().max()
+        update = make_update("conditioned", optimizer="adatask", grad_clip_norm=clip)
+        weight = update.agent.critic.q1.trunk[0].weight
+        before = weight.detach().clone()
+        update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
+        return (weight.detach() - before).abs().max()
 
     unclipped, clipped = shared_step(None), shared_step(1e-12)
     # Adam-like steps are scale-free except for eps: gradients clipped to ~1e-12 make steps ~1e-4 as large.
@@ -294,12 +308,13 @@ def test_adatask_steps_on_clipped_task_gradients():
 
 def test_update_metrics_are_the_per_task_quantities_they_name():
     """`q_mean`, the losses and the combiner diagnostics, against independent computations."""
-    agent, batch = make_agent("multihead", "cagrad"), make_batch()
+    update, batch = make_update("multihead", "cagrad"), make_batch()
+    agent = update.agent
     q_before = agent.critic(batch.obs, batch.action)[0].detach().mean(1)
     # the update's first draw from its generator is the next-action noise of the target
     next_noise = torch.randn(K, B, ACT, generator=torch.Generator().manual_seed(0))  # float32, as drawn there
     rows = task_jacobian(agent.critic_objective(batch, agent.bellman_target(batch, next_noise))).matrix
-    result = agent.update(batch, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), diagnostics=True)
+    result = update(batch, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), diagnostics=True)
     m = result.metrics
     torch.testing.assert_close(m["q_mean"], q_before, rtol=1e-12, atol=1e-12)
     assert m["loss/critic"].shape == m["loss/actor"].shape == m["loss/alpha"].shape == (K,)
@@ -312,3 +327,82 @@ def test_update_metrics_are_the_per_task_quantities_they_name():
     for net in ("critic", "actor"):
         weights = m[f"combiner/{net}/weights"]
         assert weights.shape == (K,) and (weights > 0).all()  # CAGrad's weights are 1/K plus a positive part
+
+
+# ----- the update as a function of tensors ----------------------------------------------------
+def _compiles_whole_and_matches_eager(update: SACUpdate, diagnostics: bool) -> None:
+    """`SACUpdate.gradients` (batch and noise in; `.grad`, metrics and the finiteness flag out) traced
+    by torch.compile with `fullgraph=True`: no graph break, hence no host synchronisation inside."""
+    batch, next_noise, actor_noise = make_batch(), noise(1), noise(2)
+
+    def core(batch: Batch, next_noise: torch.Tensor, actor_noise: torch.Tensor):
+        gradients = update.gradients(batch, next_noise, actor_noise, None, None, diagnostics)
+        return gradients.finite, gradients.metrics
+
+    parameters = {name: p for name, p in update.agent.named_parameters() if p.requires_grad}
+    eager_finite, eager_metrics = core(batch, next_noise, actor_noise)
+    eager_grads = {name: p.grad.clone() for name, p in parameters.items()}
+    update.agent.zero_grad(set_to_none=True)
+    # The "eager" backend runs what Dynamo captured as it is: the test is about capture, not codegen.
+    finite, metrics = torch.compile(core, fullgraph=True, backend="eager")(batch, next_noise, actor_noise)
+    assert bool(finite) and bool(eager_finite)
+    assert metrics.keys() == eager_metrics.keys()
+    if diagnostics:
+        assert "combiner/critic/weights" in metrics
+    for key, value in eager_metrics.items():
+        torch.testing.assert_close(metrics[key], value, rtol=1e-12, atol=1e-15, msg=key)
+    for name, p in parameters.items():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-12, atol=1e-15, msg=name)
+
+
+@pytest.mark.parametrize(
+    "variant,diagnostics",
+    [("conditioned", False), ("multihead", True)],  # one backward of the mean; the Jacobian, combined
+)
+def test_the_update_up_to_its_finiteness_read_compiles_as_one_graph_with_mean(variant, diagnostics):
+    _compiles_whole_and_matches_eager(make_update(variant), diagnostics)
+
+
+@pytest.mark.slow  # tracing takes tens of seconds: the interior-point solve unrolls into the graph
+def test_the_update_up_to_its_finiteness_read_compiles_as_one_graph_with_cagrad_and_diagnostics():
+    _compiles_whole_and_matches_eager(make_update("multihead", "cagrad"), diagnostics=True)
+
+
+def test_policy_noise_comes_from_the_generator_whatever_the_update_device():
+    expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    drawn = policy_noise((2, 3), torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert torch.equal(drawn, expected)
+    # A CPU generator serves an update on another device: drawn where the generator lives, then moved.
+    moved = policy_noise((2, 3), torch.Generator().manual_seed(5), torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (2, 3)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adatask"])
+def test_optimization_state_round_trips_to_identical_updates(optimizer):
+    """An update restored from the agent's and the optimization's state dicts continues bit for bit."""
+    a = make_update("multihead", optimizer=optimizer, grad_clip_norm=1.0)
+    noise_gen, combiner_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for step in range(2):
+        assert a(make_batch(20 + step), noise_gen, combiner_gen).finite
+    b = make_update("multihead", optimizer=optimizer, grad_clip_norm=1.0)
+    b.agent.load_state_dict(copy.deepcopy(a.agent.state_dict()))
+    b.optimization.load_state_dict(copy.deepcopy(a.optimization.state_dict()))
+    fresh = make_update("multihead", optimizer=optimizer, grad_clip_norm=1.0)
+    fresh.agent.load_state_dict(copy.deepcopy(a.agent.state_dict()))  # same weights, optimizers from scratch
+    for update in (a, b, fresh):
+        state = (torch.Generator().set_state(noise_gen.get_state()), torch.Generator().manual_seed(3))
+        assert update(make_batch(30), *state).finite
+    for name, p in a.agent.state_dict().items():
+        assert torch.equal(b.agent.state_dict()[name], p), name
+    assert any(not torch.equal(fresh.agent.state_dict()[n], p) for n, p in a.agent.state_dict().items())
+
+
+def test_optimization_refuses_state_of_another_optimizer_and_unknown_names():
+    adam, adatask = make_update("multihead"), make_update("multihead", optimizer="adatask")
+    with pytest.raises(ValueError, match=r"optimizer state holds \['adam'\], expected \['adam', 'adatask'\]"):
+        adatask.optimization.load_state_dict(adam.optimization.state_dict())
+    agent = adam.agent
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose from: adam, adatask"):
+        Optimization(agent.params, "sgd", agent.learning_rates, K)
+    with pytest.raises(ValueError, match=r"unknown network\(s\) \['policy'\] to combine"):
+        SACUpdate(agent, adam.optimization, make_combiner("mean"), ["critic", "policy"])

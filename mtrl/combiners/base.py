@@ -105,7 +105,7 @@ def _one_thread(device: torch.device) -> Iterator[None]:
     that wakes the OpenMP thread pool can stall far longer than the call itself. The setting is
     process-wide, so it is restored at once.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph cannot change threads
         yield
         return
     previous = torch.get_num_threads()
@@ -138,7 +138,8 @@ def gramian(matrix: Tensor) -> Tensor:
     """
     low, high = torch.aminmax(matrix)
     largest = torch.maximum(high, -low)
-    if matrix.device.type == "cpu" and _product_is_safe(largest.item(), matrix.dtype, matrix.shape[1]):
+    cpu = matrix.device.type == "cpu" and not torch.compiler.is_compiling()  # compiled: no host read of `largest`
+    if cpu and _product_is_safe(largest.item(), matrix.dtype, matrix.shape[1]):
         product = (matrix @ matrix.T).double()
     else:
         scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent)

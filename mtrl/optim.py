@@ -1,0 +1,222 @@
+"""Optimization of the agent's networks: optimizers, gradient clipping, and leaving undrawn tasks alone.
+
+The update writes each network's `.grad` (shared parameters: the combined direction; task-specific
+parameters, whose leading dimension is the task: each task's own gradient), then, once the whole
+update is known to be finite, asks `Optimization` to clip and step that network. Every network has
+one `NetworkOptimizer`:
+
+- `AdamOptimizer`: Adam on all of the network's parameters;
+- `AdaTaskOptimizer`: task-wise Adam (`mtrl.adatask.AdaTask`) on the shared parameters, Adam on the
+  task-specific ones. It steps on the K×n matrix G of per-task gradients of the shared parameters,
+  so the update must compute G for it: `takes_task_gradients` says so, and `step` receives G.
+
+Tasks that took no part in an update (a sampling combiner drew others) must not move: their
+task-specific slices and optimizer moments are put back after the step, since a zero gradient would
+still move them through Adam's momentum (docs/mtsac.md, "How the combiners plug in").
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mtrl.adatask import AdaTask
+
+OPTIMIZERS = ("adam", "adatask")
+
+
+class NetworkParameters(NamedTuple):
+    """One network's parameters, split by who owns them."""
+
+    shared: dict[str, nn.Parameter]  # every task's loss moves them
+    task: dict[str, nn.Parameter]  # leading dimension K: slice k belongs to task k alone
+
+    def all(self) -> list[nn.Parameter]:
+        return [*self.shared.values(), *self.task.values()]
+
+
+class NetworkOptimizer(ABC):
+    """Steps one network from its `.grad` (and, if `takes_task_gradients`, the per-task matrix G)."""
+
+    takes_task_gradients: ClassVar[bool] = False
+    """Whether `step` needs G, the [K, n] per-task gradients of the shared parameters."""
+
+    def __init__(self, params: NetworkParameters) -> None:
+        self.params = params
+
+    @property
+    @abstractmethod
+    def task_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer that holds the task-specific parameters (None: the network has none)."""
+
+    @abstractmethod
+    def _step(self, task_gradients: Tensor | None) -> None:
+        """One optimizer step from `.grad` (and G)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def step(self, task_gradients: Tensor | None, drawn: Tensor | None) -> None:
+        """Step; the slices (and moments) of tasks not in `drawn` (indices; None: all took part) stay put."""
+        kept = [] if drawn is None else self._slices_of_undrawn(drawn)
+        self._step(task_gradients)
+        _put_back(kept)
+
+    def _slices_of_undrawn(self, drawn: Tensor) -> list[_Slices]:
+        optimizer = self.task_optimizer
+        out = []
+        for p in self.params.task.values():
+            undrawn = torch.ones(p.shape[0], dtype=torch.bool, device=p.device).index_fill_(0, drawn, False)
+            moments = {key: v.clone() for key, v in optimizer.state.get(p, {}).items() if _is_moment(v, p)}
+            out.append(_Slices(optimizer, p, undrawn, p.detach().clone(), moments))
+        return out
+
+
+class AdamOptimizer(NetworkOptimizer):
+    def __init__(self, params: NetworkParameters, lr: float) -> None:
+        super().__init__(params)
+        self.adam = torch.optim.Adam(params.all(), lr=lr)
+
+    @property
+    def task_optimizer(self) -> torch.optim.Optimizer:
+        return self.adam
+
+    def _step(self, task_gradients: Tensor | None) -> None:
+        self.adam.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adam": self.adam.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        _check_parts(state, ["adam"])
+        self.adam.load_state_dict(state["adam"])
+
+
+class AdaTaskOptimizer(NetworkOptimizer):
+    """AdaTask on the shared parameters (it consumes G), Adam on the task-specific ones."""
+
+    takes_task_gradients = True
+
+    def __init__(self, params: NetworkParameters, lr: float, num_tasks: int) -> None:
+        if not params.shared:
+            raise ValueError("AdaTask needs shared parameters; a network without them steps with Adam")
+        super().__init__(params)
+        self.adatask = AdaTask(list(params.shared.values()), num_tasks, lr=lr)
+        self.adam = torch.optim.Adam(list(params.task.values()), lr=lr) if params.task else None
+
+    @property
+    def task_optimizer(self) -> torch.optim.Optimizer | None:
+        return self.adam
+
+    def _step(self, task_gradients: Tensor | None) -> None:
+        if task_gradients is None:
+            raise ValueError("AdaTask steps on the per-task gradient matrix; none was given")
+        self.adatask.step_tasks(task_gradients)
+        if self.adam is not None:
+            self.adam.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"adatask": self.adatask.state_dict()}
+        if self.adam is not None:
+            state["adam"] = self.adam.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        _check_parts(state, ["adatask", "adam"] if self.adam is not None else ["adatask"])
+        self.adatask.load_state_dict(state["adatask"])
+        if self.adam is not None:
+            self.adam.load_state_dict(state["adam"])
+
+
+class Optimization:
+    """Every network's optimizer and the gradient-norm bound: what the update steps, and what a checkpoint holds.
+
+    `optimizer` is "adam" or "adatask"; AdaTask takes the shared parameters of every network that
+    has them, Adam the rest. `learning_rates` maps each network name to its learning rate.
+    """
+
+    def __init__(
+        self,
+        networks: Mapping[str, NetworkParameters],
+        optimizer: str,
+        learning_rates: Mapping[str, float],
+        num_tasks: int,
+        grad_clip_norm: float | None = None,
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
+        missing = sorted(set(networks) - set(learning_rates))
+        if missing:
+            raise ValueError(f"no learning rate for network(s) {missing}")
+        self.grad_clip_norm = grad_clip_norm
+        self.networks: dict[str, NetworkOptimizer] = {}
+        for name, params in networks.items():
+            if optimizer == "adatask" and params.shared:
+                self.networks[name] = AdaTaskOptimizer(params, learning_rates[name], num_tasks)
+            else:
+                self.networks[name] = AdamOptimizer(params, learning_rates[name])
+
+    def __getitem__(self, network: str) -> NetworkOptimizer:
+        return self.networks[network]
+
+    def clip(self, network: str, task_gradients: Tensor | None) -> Tensor | None:
+        """Clip `network`'s `.grad` to `grad_clip_norm` (all its parameters together), in place.
+
+        A task-wise optimizer steps on the rows of G rather than on `.grad`: they are scaled by the
+        same factor, the norm being measured on `.grad` (for shared parameters, the mean of the rows).
+        Returns G as the optimizer is to step on it.
+        """
+        if self.grad_clip_norm is None:
+            return task_gradients
+        optimizer = self.networks[network]
+        norm = torch.nn.utils.clip_grad_norm_(optimizer.params.all(), self.grad_clip_norm)
+        if task_gradients is None or not optimizer.takes_task_gradients:
+            return task_gradients
+        return task_gradients * torch.clamp(self.grad_clip_norm / (norm + 1e-6), max=1.0)
+
+    def step(self, network: str, task_gradients: Tensor | None = None, drawn: Tensor | None = None) -> None:
+        """Step `network` from its (clipped) `.grad` and G; tasks not in `drawn` keep their slices."""
+        self.networks[network].step(task_gradients, drawn)
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: optimizer.state_dict() for name, optimizer in self.networks.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        _check_parts(state, list(self.networks))
+        for name, optimizer in self.networks.items():
+            optimizer.load_state_dict(state[name])
+
+
+class _Slices(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    param: nn.Parameter
+    undrawn: Tensor  # [K] bool
+    value: Tensor  # the parameter before the step
+    moments: dict[str, Tensor]  # its moments before the step (absent: the step creates them)
+
+
+def _is_moment(value: object, p: nn.Parameter) -> bool:
+    return torch.is_tensor(value) and value.shape == p.shape
+
+
+@torch.no_grad()
+def _put_back(kept: list[_Slices]) -> None:
+    for optimizer, p, undrawn, value, moments in kept:
+        mask = undrawn.view(-1, *(1,) * (p.dim() - 1))
+        p.copy_(torch.where(mask, value, p))
+        for key, moment in optimizer.state[p].items():
+            if _is_moment(moment, p):  # moments created by this very step start from zero
+                before = moments[key] if key in moments else torch.zeros_like(moment)
+                moment.copy_(torch.where(mask, before, moment))
+
+
+def _check_parts(state: Mapping[str, Any], expected: list[str]) -> None:
+    if sorted(state) != sorted(expected):
+        raise ValueError(f"optimizer state holds {sorted(state)}, expected {sorted(expected)}")
