@@ -7,6 +7,7 @@ opens the logger, once the run is known to start: a rejected resume leaves the d
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class Parts:
     action_low: torch.Tensor  # [act_dim], the bounds of warm-up actions
     action_high: torch.Tensor
     envs: EnvBackend  # training envs
-    evaluator: Evaluator  # on its own envs, built once
+    make_evaluator: Callable[[], Evaluator]  # see `evaluator`
     gen_cpu: torch.Generator  # warm-up actions and the combiners' draws
     gen_device: torch.Generator  # replay sampling and policy noise, on the training device
     combiner: Combiner
@@ -73,19 +74,30 @@ class Parts:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        """The evaluator on its own envs, built at its first use and reused: a run that never evaluates
+        (a benchmark, a run stopped early) never pays for the evaluation envs."""
+        return self.make_evaluator()
 
-def build(cfg: Config) -> Parts:
+
+def build(cfg: Config, envs: EnvBackend | None = None) -> Parts:
+    """The parts of a run of `cfg`; `envs`: training envs built before for the same `cfg.env` and seed,
+    reused as they are (benchmarks compare learners on one set of envs)."""
     device = resolve_device(cfg.device)
     # Tiny activations late in training turn into subnormal floats, which x86 CPUs compute
     # many times slower; flushing them to zero changes no result that matters.
     torch.set_flush_denormal(True)
     set_cpu_threads(cfg.train.torch_threads)
-    envs = make_backend(cfg.env, cfg.seed, evaluation=False)
+    if envs is None:
+        envs = make_backend(cfg.env, cfg.seed, evaluation=False)
     tasks, obs_dim, act_dim = list(envs.task_names), envs.obs_dim, envs.act_dim
-    # The evaluation envs are separate instances holding the same goal sets (the same seed):
-    # MT10/MT50 measure how well the agent solves the tasks it trains on.
-    eval_envs = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
-    evaluator = Evaluator(eval_envs, cfg.eval.episodes)
+
+    def make_evaluator() -> Evaluator:
+        # Separate instances holding the training envs' goal sets (the same seed): MT10/MT50
+        # measure how well the agent solves the tasks it trains on.
+        backend = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy=cfg.eval.vector_strategy)
+        return Evaluator(backend, cfg.eval.episodes)
 
     combiner = make_combiner(cfg.combiner.name, **cfg.combiner.hyper_parameters())
     with torch.random.fork_rng(devices=[]):
@@ -105,7 +117,7 @@ def build(cfg: Config) -> Parts:
         action_low=torch.as_tensor(envs.action_low, dtype=torch.float32),
         action_high=torch.as_tensor(envs.action_high, dtype=torch.float32),
         envs=envs,
-        evaluator=evaluator,
+        make_evaluator=make_evaluator,
         gen_cpu=torch.Generator().manual_seed(cfg.seed),
         gen_device=torch.Generator(device=device).manual_seed(cfg.seed + 1),
         combiner=combiner,

@@ -13,21 +13,27 @@ if TYPE_CHECKING:
     from mtrl.sac import UpdateResult
     from mtrl.trainer import Trainer
 
-Phase = Literal["restore", "update", "eval", "checkpoint"]
+Phase = Literal["restore", "collect", "update", "eval", "checkpoint"]
 
 
 class Callback:
     """Every hook does nothing until overridden.
 
     `on_phase` is called on entering and on leaving each phase, also when it ends by an exception:
-    "restore" (reading a checkpoint, and loading it into the parts), "update" (one gradient
-    update), "eval" (one evaluation) and "checkpoint" (writing one). It gets no trainer: the
-    command line reads the checkpoint of a resume before the trainer exists. `on_update` sees every
-    update's result (finite or not) before the trainer acts on it, `on_eval` every evaluation's
-    result, `on_checkpoint` the path of every checkpoint written.
+    "restore" (reading a checkpoint, and loading it into the parts), "collect" (one vector step:
+    acting, stepping the envs, storing the transitions; with `train.overlap` it encloses the
+    updates that run while the envs step), "update" (one gradient update), "eval" (one evaluation)
+    and "checkpoint" (writing one). It gets no trainer: the command line reads the checkpoint of a
+    resume before the trainer exists. `on_update` sees every update's result (finite or not) before
+    the trainer acts on it, `on_eval` every evaluation's result, `on_checkpoint` the path of every
+    checkpoint written. `on_step` runs after every vector step, its updates, logs, evaluations and
+    checkpoints: returning False ends the run there, with a checkpoint and exit code 0.
     """
 
     def on_phase(self, phase: Phase, entering: bool) -> None:
+        return None
+
+    def on_step(self, trainer: Trainer) -> bool | None:
         return None
 
     def on_update(self, trainer: Trainer, result: UpdateResult) -> None:

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
+    from mtrl import bench_train
+
+    bench_train.add_parser(bench_sub)
 
     from mtrl import baseline, report, sweep
 
@@ -187,9 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mtrl.bench import run_update_bench
+    from mtrl import bench, bench_train
 
-    return run_update_bench(args)
+    return {"update": bench.run_update_bench, "train": bench_train.run}[args.bench](args)
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:

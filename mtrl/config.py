@@ -126,6 +126,11 @@ class TrainConfig:
         None, "clip critic targets to [-x, x]; null = off, as in the reference recipe (a valve for diverging critics)"
     )
     max_bad_updates: int = _f(100, "stop the run after this many consecutive non-finite updates")
+    overlap: bool = _f(
+        False,
+        "step the envs while the updates of the previous step run (async/pool envs: in parallel); each update "
+        "then samples the replay without the transition still in flight",
+    )
     torch_threads: int = _f(
         0, "CPU threads for torch; 0 = half the cores (leaves the rest to the envs: oversubscribed threads stall)"
     )
@@ -372,6 +377,11 @@ def validate(cfg: Config) -> None:
     _check(train.updates_per_step >= 1, f"train.updates_per_step must be >= 1, found {train.updates_per_step}")
     _check(train.batch_per_task >= 1, f"train.batch_per_task must be >= 1, found {train.batch_per_task}")
     _check(train.buffer_capacity >= 1, f"train.buffer_capacity must be >= 1, found {train.buffer_capacity}")
+    _check(
+        not train.overlap or train.warmup_steps >= 2,
+        "train.overlap needs train.warmup_steps >= 2: its first update runs while the last warm-up step is in "
+        f"flight and samples the ones before, found {train.warmup_steps}",
+    )
     _check(train.torch_threads >= 0, f"train.torch_threads must be >= 0, found {train.torch_threads}")
     _check(train.max_bad_updates >= 1, f"train.max_bad_updates must be >= 1, found {train.max_bad_updates}")
     for key in ("grad_clip_norm", "q_target_clip"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mtrl import checkpoint as ckpt
 from mtrl.buffer import Batch
-from mtrl.build import build, open_run_dir
+from mtrl.build import Parts, build, open_run_dir
 from mtrl.callbacks import Callback, phase
 from mtrl.config import Config
 from mtrl.evaluation import EvalResult
@@ -55,10 +55,18 @@ class _Episode:
 class Trainer:
     """One run: `parts` (built from the config, see `mtrl.build`) and `progress` (the loop's state)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool | RunState = False, callbacks: Sequence[Callback] = ()):
-        """A run of `cfg` in `run_dir`; `resume`: continue from its latest checkpoint (or from this state)."""
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        resume: bool | RunState = False,
+        callbacks: Sequence[Callback] = (),
+        parts: Parts | None = None,
+    ):
+        """A run of `cfg` in `run_dir`; `resume`: continue from its latest checkpoint (or from this state);
+        `parts`: built by `mtrl.build.build(cfg)` beforehand (by default here)."""
         self.cfg, self.run_dir, self.callbacks = cfg, Path(run_dir), list(callbacks)
-        self.parts = build(cfg)
+        self.parts = build(cfg) if parts is None else parts
         self.progress = Progress(learning_starts=cfg.train.warmup_steps)
         if resume:
             with phase(self.callbacks, "restore"):
@@ -100,10 +108,11 @@ class Trainer:
         obs, episode = self._reset_envs(), _Episode(self.parts.num_tasks)
         try:
             while c.env_steps < cfg.train.total_steps and self._stop_signal is None:
-                obs = self._collect(obs, episode)
-                if c.env_steps >= self.progress.learning_starts:
-                    for _ in range(cfg.train.updates_per_step):
-                        self._update()
+                if cfg.train.overlap:  # the updates run while the envs step
+                    obs = self._collect(obs, episode, during=self._learn)
+                else:
+                    obs = self._collect(obs, episode)
+                    self._learn()
                 bar.update(1)
                 last = c.env_steps == cfg.train.total_steps
                 if c.env_steps % cfg.log.every == 0:
@@ -112,6 +121,9 @@ class Trainer:
                     self._evaluate(bar)
                 if (cfg.checkpoint.every and c.env_steps % cfg.checkpoint.every == 0) or last:
                     self.save_checkpoint()
+                if not all(callback.on_step(self) is not False for callback in self.callbacks) and not last:
+                    self.save_checkpoint()
+                    return 0
             if self._stop_signal is None:
                 return 0
             self.save_checkpoint()
@@ -126,13 +138,18 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _collect(self, obs: np.ndarray, episode: _Episode) -> np.ndarray:
-        """One vector step into the buffer; returns the observations to act on next."""
-        c, p = self.counters, self.progress
+    def _collect(self, obs: np.ndarray, episode: _Episode, during: Callable[[], None] | None = None) -> np.ndarray:
+        """One vector step into the buffer, running `during` while the envs step; returns the observations
+        to act on next."""
+        c, p, envs = self.counters, self.progress, self.parts.envs
         if episode.steps == self.cfg.env.max_episode_steps - 1:  # this step ends every task's episode:
-            p.episode_start = self.parts.envs.get_state()  # remember the state the reset will start from
-        action = self._act(obs)
-        step = self.parts.envs.step(action)
+            p.episode_start = envs.get_state()  # remember the state the reset will start from
+        with phase(self.callbacks, "collect"):
+            action = self._act(obs)
+            envs.step_async(action)
+            if during is not None:
+                during()
+            step = envs.step_wait()
         self.parts.buffer.add(Batch(obs, action, step.reward, step.next_obs, step.terminated, step.truncated))
         c.env_steps += 1
         episode.add(step.reward, step.success)
@@ -164,6 +181,14 @@ class Trainer:
         return envs.reset()
 
     # ----- update, log, evaluate, checkpoint -----------------------------------------------
+    def _learn(self) -> None:
+        """`train.updates_per_step` updates, once the buffer holds `learning_starts` vector steps. With
+        `train.overlap` they run before the step in flight is counted: the same steps update as without."""
+        pending = 1 if self.cfg.train.overlap else 0
+        if self.counters.env_steps + pending >= self.progress.learning_starts:
+            for _ in range(self.cfg.train.updates_per_step):
+                self._update()
+
     def _update(self) -> dict[str, torch.Tensor] | None:
         """One update; its metrics, or None if it was not finite and was skipped."""
         c, cfg, parts = self.counters, self.cfg, self.parts
