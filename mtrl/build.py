@@ -64,7 +64,7 @@ class Parts:
     envs: EnvBackend  # training envs
     make_evaluator: Callable[[], Evaluator]  # see `evaluator`
     gen_cpu: torch.Generator  # warm-up actions and the combiners' draws
-    gen_device: torch.Generator  # replay sampling and policy noise, on the training device
+    gen_device: torch.Generator  # replay sampling and policy noise, on the training device (or `train.rng_device`)
     combiner: Combiner
     agent: MTSAC
     learner: SACUpdate  # one update: (batch, noise generator, combiner generator, diagnostics?) -> result
@@ -108,6 +108,7 @@ def build(cfg: Config, envs: EnvBackend | None = None) -> Parts:
         agent.params, cfg.optimizer.name, agent.learning_rates, len(tasks), cfg.train.grad_clip_norm
     )
     update = SACUpdate(agent, optimization, combiner, cfg.combiner.networks, cfg.train.q_target_clip)
+    rng_device = device if cfg.train.rng_device == "auto" else torch.device(cfg.train.rng_device)
     per_task = max(1, cfg.train.buffer_capacity // len(tasks))
     buffer_device = _buffer_device(cfg.train.buffer_device, device, len(tasks), per_task, obs_dim, act_dim)
     return Parts(
@@ -120,7 +121,7 @@ def build(cfg: Config, envs: EnvBackend | None = None) -> Parts:
         envs=envs,
         make_evaluator=make_evaluator,
         gen_cpu=torch.Generator().manual_seed(cfg.seed),
-        gen_device=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        gen_device=torch.Generator(device=rng_device).manual_seed(cfg.seed + 1),
         combiner=combiner,
         agent=agent,
         learner=update,

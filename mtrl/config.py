@@ -121,6 +121,11 @@ class TrainConfig:
     batch_per_task: int = _f(128, "transitions sampled per task per update (batch = K x this)")
     buffer_capacity: int = _f(1_000_000, "replay capacity in transitions, split equally over tasks")
     buffer_device: str = _f("auto", "auto (training device when it fits) | cpu | the training device")
+    rng_device: str = _f(
+        "auto",
+        "where replay indices and policy noise are drawn: auto (the training device) | cpu (a CUDA run then "
+        "draws exactly what a CPU run draws: for checks, slower)",
+    )
     grad_clip_norm: float | None = _f(None, "clip each network's gradient to this norm (null = off)")
     q_target_clip: float | None = _f(
         None, "clip critic targets to [-x, x]; null = off, as in the reference recipe (a valve for diverging critics)"
@@ -387,6 +392,7 @@ def validate(cfg: Config) -> None:
     for key in ("grad_clip_norm", "q_target_clip"):
         value = getattr(train, key)
         _check(value is None or value > 0, f"train.{key} must be > 0 or null, found {value}")
+    _choice("train.rng_device", train.rng_device, ("auto", "cpu"))
     _check(
         train.buffer_device in ("auto", "cpu") or train.buffer_device.startswith("cuda"),
         f"train.buffer_device must be auto, cpu or a cuda device, found {train.buffer_device!r}",

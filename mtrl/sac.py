@@ -112,7 +112,10 @@ class MTSAC(nn.Module):
         obs = obs.unsqueeze(1)  # [K, 1, obs_dim]: multi-head layers need the task dimension first
         if deterministic:
             return self.actor.deterministic(obs).squeeze(1)
-        noise = torch.randn(*obs.shape[:2], self.act_dim, generator=generator, device=obs.device)
+        if generator is None:
+            noise = torch.randn(*obs.shape[:2], self.act_dim, device=obs.device)
+        else:
+            noise = policy_noise((*obs.shape[:2], self.act_dim), generator, obs.device)
         return self.actor.sample(obs, noise)[0].squeeze(1)
 
     def alpha(self) -> Tensor:

@@ -103,6 +103,19 @@ def test_cuda_training_agrees_with_cpu_and_does_not_depend_on_where_the_buffer_l
         _assert_close_records(_record(gpu_records, kind, step), _record(host_records, kind, step), rel=1e-3)
 
 
+@pytest.mark.parametrize("variant", ["mean", "cagrad"])
+def test_with_cpu_draws_a_cuda_run_ends_with_the_cpu_runs_weights(variant, tmp_path):
+    """`train.rng_device=cpu`: the replay indices and the noise are the CPU run's, so after N updates the
+    CUDA weights equal the CPU weights up to float rounding (an independent check of the whole update)."""
+    overrides = [*VARIANTS[variant], "train.rng_device=cpu"]
+    cpu, cpu_records = _run(tmp_path / "cpu", "device=cpu", *overrides)
+    gpu, gpu_records = _run(tmp_path / "gpu", f"device={CUDA}", *overrides)
+    assert gpu.counters.updates == cpu.counters.updates == TOTAL - WARMUP + 1
+    for name, p in cpu.agent.state_dict().items():
+        torch.testing.assert_close(gpu.agent.state_dict()[name].cpu(), p, rtol=1e-3, atol=1e-4, msg=name)
+    _assert_close_records(_record(gpu_records, "train", TOTAL), _record(cpu_records, "train", TOTAL), rel=1e-3)
+
+
 @pytest.mark.parametrize("name", sorted(COMBINERS))
 def test_combiners_compute_on_cuda_what_they_compute_on_the_cpu(name):
     g = torch.Generator().manual_seed(0)
