@@ -102,7 +102,7 @@ class RunState:
         progress = copy.deepcopy(self.progress)
         try:
             parts.agent.load_state_dict(self.agent)
-            parts.optimization.load_state_dict(self.optimizers)
+            parts.optimization.load_state_dict(_per_network(self.optimizers))
             parts.combiner.load_state_dict(self.combiner)
             if self.buffer is not None:
                 parts.buffer.load_state_dict(self.buffer)
@@ -203,3 +203,20 @@ def load_latest(run_dir: Path) -> RunState:
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {run_dir}")
     return RunState.from_dict(ckpt.load(path, map_location="cpu"), source=path)
+
+
+def _per_network(optimizers: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer states per network, as `Optimization.state_dict` gives them.
+
+    Checkpoints written before the optimizers left the agent hold one flat dict of torch optimizer
+    states: `<network>` (Adam over all its parameters, or over its task-specific ones under AdaTask)
+    and `<network>_shared` (AdaTask over its shared parameters). The parameters are in the same
+    order, so those states load as they are.
+    """
+    if not any(isinstance(state, dict) and "param_groups" in state for state in optimizers.values()):
+        return optimizers
+    out: dict[str, dict[str, Any]] = {}
+    for name, state in optimizers.items():
+        shared = name.endswith("_shared")
+        out.setdefault(name.removesuffix("_shared"), {})["adatask" if shared else "adam"] = state
+    return out

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,28 @@ def test_a_checkpoint_without_the_pending_log_values_still_resumes(tmp_path):
     assert (resumed.progress.train_stats, resumed.progress.update_metrics) == ({}, {})
     assert resumed.progress.learning_starts == 60 + 40  # no buffer in the checkpoint: warm up again
     assert resumed.train() == 0 and resumed.counters.env_steps == 80
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adatask"])
+def test_a_checkpoint_with_the_flat_optimizer_states_of_earlier_versions_resumes_exactly(optimizer, tmp_path):
+    """Earlier versions stored `{critic, actor, alpha}` (Adam) and `{critic_shared, ...}` (AdaTask) flat."""
+    overrides = (f"optimizer.name={optimizer}", "agent.variant=multihead", "checkpoint.save_buffer=true")
+    new, old = tmp_path / "new", tmp_path / "old"
+    _train(new, *overrides, "train.total_steps=60")
+    shutil.copytree(new, old)
+    path = ckpt.latest_checkpoint(old)
+    state = torch.load(path, weights_only=True)
+    flat = {}
+    for net, parts in state["optimizers"].items():
+        if "adatask" in parts:
+            flat[f"{net}_shared"] = parts["adatask"]
+        if "adam" in parts:
+            flat[net] = parts["adam"]
+    state["optimizers"] = flat
+    torch.save(state, path)
+    for run in (new, old):
+        assert Trainer(toy_config(run, *overrides, "train.total_steps=80"), run, resume=True).train() == 0
+    assert _metrics(old) == _metrics(new)
 
 
 def test_callbacks_see_each_phase_begin_and_end_around_its_result(tmp_path):
