@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, NoReturn
+from typing import Any
 
 import cloudpickle
 import gymnasium as gym
@@ -168,7 +168,7 @@ class EnvPool(gym.vector.VectorEnv):
             sent += 1
         if sent != self.num_envs:
             raise ValueError(f"env_fns yields {sent} constructors for num_envs={self.num_envs}")
-        built = self._gather("make", range(self.workers), count=[len(c) for c in self.assignment])
+        built = self._gather("make", count=[len(c) for c in self.assignment])
         spaces = [s for replies in built for s in replies]
         obs_space, act_space, metadata, render_mode = spaces[0]
         for name, space in (("observation", obs_space), ("action", act_space)):
@@ -186,9 +186,8 @@ class EnvPool(gym.vector.VectorEnv):
         layout = _layout(self.num_envs, obs_space.shape, obs_space.dtype, act_space.shape)
         self._shm = SharedMemory(create=True, size=_size(layout))
         self._views = _views(self._shm.buf, layout)
-        for w in range(self.workers):
-            self._send(w, ("attach", (self._shm.name, layout)))
-        self._gather("attach", range(self.workers))
+        self._broadcast(("attach", (self._shm.name, layout)))
+        self._gather("attach")
 
     # ----- the vector env interface -------------------------------------------------------------
     def reset(
@@ -207,7 +206,7 @@ class EnvPool(gym.vector.VectorEnv):
             raise ValueError("the env pool resets ended episodes in the same step; it takes no reset_mask")
         for w, chunk in enumerate(self.assignment):
             self._send(w, ("reset", ([seeds[i] for i in chunk], options)))
-        infos = self._merge_infos(self._gather("reset", range(self.workers), fatal=True))
+        infos = self._merge_infos(self._gather("reset", fatal=True))
         return self._views["obs"].copy(), infos
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -222,8 +221,7 @@ class EnvPool(gym.vector.VectorEnv):
             shape = self.action_space.shape
             raise ValueError(f"actions must be a numeric array of shape {shape}, found {actions.dtype} {actions.shape}")
         self._views["actions"][...] = actions
-        for w in range(self.workers):
-            self._send(w, ("step", (actions.dtype.str,)))
+        self._broadcast(("step", (actions.dtype.str,)))
         self._pending = "step"
 
     def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -232,7 +230,7 @@ class EnvPool(gym.vector.VectorEnv):
         if self._pending != "step":
             raise NoAsyncCallError("step_wait() without a step_async() before it", "step")
         self._pending = None
-        replies = self._gather("step", range(self.workers), fatal=True)
+        replies = self._gather("step", fatal=True)
         v = self._views
         infos = self._merge_infos(replies, final_obs=v["final_obs"], done=v["terminated"] | v["truncated"])
         return v["obs"].copy(), v["reward"].copy(), v["terminated"].copy(), v["truncated"].copy(), infos
@@ -242,9 +240,8 @@ class EnvPool(gym.vector.VectorEnv):
         self._check_idle("call")
         if name in _FORBIDDEN_CALLS:
             raise ValueError(f"use the pool's own `{name}` instead of call({name!r})")
-        for w in range(self.workers):
-            self._send(w, ("call", (name, args, kwargs)))
-        return tuple(self._in_env_order(self._gather("call", range(self.workers))))
+        self._broadcast(("call", (name, args, kwargs)))
+        return tuple(self._in_env_order(self._gather("call")))
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         return self.call(name)
@@ -258,7 +255,7 @@ class EnvPool(gym.vector.VectorEnv):
             raise ValueError(f"{len(values)} values for num_envs={self.num_envs}")
         for w, chunk in enumerate(self.assignment):
             self._send(w, ("setattr", (name, [values[i] for i in chunk])))
-        self._gather("setattr", range(self.workers))
+        self._gather("setattr")
 
     def render(self) -> tuple[Any, ...]:
         return self.call("render")
@@ -312,51 +309,61 @@ class EnvPool(gym.vector.VectorEnv):
     def _send(self, w: int, message: tuple[str, Any]) -> None:
         try:
             self._pipes[w].send(message)
-        except OSError:
-            self._died(w)
+        except OSError:  # the worker is gone
+            raise self._dead(w) from None
 
-    def _recv(self, w: int) -> tuple[str, Any]:
-        pipe, process = self._pipes[w], self._processes[w]
-        if pipe in wait([pipe, process.sentinel]):  # a reply sent just before dying still counts
+    def _broadcast(self, message: tuple[str, Any]) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once for all workers
+        for w, pipe in enumerate(self._pipes):
             try:
-                return pipe.recv()
-            except (EOFError, OSError):  # closed, or reset when it died with a command unread
-                pass
-        self._died(w)
+                pipe.send_bytes(data)
+            except OSError:
+                raise self._dead(w) from None
 
-    def _died(self, w: int) -> NoReturn:
+    def _dead(self, w: int) -> EnvPoolError:
         process = self._processes[w]
         process.join(1.0)
         chunk = self.assignment[w]
         self._broken = f"env pool worker {w} (sub-envs {chunk[0]}..{chunk[-1]}) died (exit code {process.exitcode})"
-        raise EnvPoolError(self._broken)
+        return EnvPoolError(self._broken)
 
-    def _gather(
-        self, what: str, workers: Iterable[int], count: list[int] | None = None, fatal: bool = False
-    ) -> list[Any]:
-        """Each worker's reply (or `count[w]` replies) in worker order; a failure is raised once all arrived.
+    def _gather(self, what: str, count: list[int] | None = None, fatal: bool = False) -> list[Any]:
+        """Each worker's reply (`count[w]` replies from worker w: a list), in worker order.
 
-        `fatal`: a sub-env that raised leaves the pool unusable (its sub-envs went out of step).
+        Waits on all workers at once, and on their deaths. A failure is raised once every live worker
+        has answered, so that no stale reply is left for the next command; with several, the lowest
+        worker's. `fatal`: a sub-env that raised leaves the pool unusable (its sub-envs went out of step).
         """
-        replies, failure = [], None
-        for w in workers:
-            got = []
-            for _ in range(1 if count is None else count[w]):
-                try:
-                    status, payload = self._recv(w)
-                except EnvPoolError as err:
-                    failure = failure or err
-                    break
-                if status == "ok":
-                    got.append(payload)
-                else:
-                    failure = failure or _worker_error(w, what, *payload)
-            replies.append(got[0] if count is None and got else got)
-        if failure is not None:
+        need = [1] * self.workers if count is None else list(count)
+        got: list[list[Any]] = [[] for _ in range(self.workers)]
+        failures: dict[int, Exception] = {}
+        waiting = {w for w in range(self.workers) if need[w] > 0}
+        while waiting:
+            handles = {self._pipes[w]: w for w in waiting} | {self._processes[w].sentinel: w for w in waiting}
+            for w in sorted({handles[h] for h in wait(list(handles))}):
+                pipe, gone = self._pipes[w], False
+                while w in waiting and pipe.poll():  # a reply sent just before dying still counts
+                    try:
+                        status, payload = pipe.recv()
+                    except (EOFError, OSError):  # closed, or reset when it died with a command unread
+                        gone = True
+                        break
+                    if status == "ok":
+                        got[w].append(payload)
+                    else:
+                        failures.setdefault(w, _worker_error(w, what, *payload))
+                    need[w] -= 1
+                    if need[w] == 0:
+                        waiting.discard(w)
+                if w in waiting and (gone or not self._processes[w].is_alive()):
+                    failures.setdefault(w, self._dead(w))
+                    waiting.discard(w)
+        if failures:
+            failure = failures[min(failures)]
             if fatal or what == "make":
                 self._broken = self._broken or str(failure)
             raise failure
-        return replies
+        return [g[0] for g in got] if count is None else got
 
     def _in_env_order(self, per_worker: list[list[Any]]) -> list[Any]:
         ordered: list[Any] = [None] * self.num_envs
@@ -368,13 +375,39 @@ class EnvPool(gym.vector.VectorEnv):
     def _merge_infos(
         self, per_worker: list[list[dict]], final_obs: np.ndarray | None = None, done: np.ndarray | None = None
     ) -> dict[str, Any]:
-        infos: dict[str, Any] = {}
-        for i, info in enumerate(self._in_env_order(per_worker)):
-            if done is not None and done[i]:
+        """The sub-envs' infos batched as gymnasium's vector envs batch them (`VectorEnv._add_info`)."""
+        infos = self._in_env_order(per_worker)
+        if done is not None:
+            for i in np.flatnonzero(done):
                 # the worker left the final observation in shared memory and its dtype in the info
-                info["final_obs"] = final_obs[i].astype(info["final_obs"])
-            infos = self._add_info(infos, info, i)
-        return infos
+                infos[i]["final_obs"] = final_obs[i].astype(infos[i]["final_obs"])
+        batched = _batch_flat_infos(infos)
+        if batched is None:
+            batched = {}
+            for i, info in enumerate(infos):
+                batched = self._add_info(batched, info, i)
+        return batched
+
+
+def _batch_flat_infos(infos: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`_add_info`'s result in one array per key, when every sub-env reported the same keys with numbers
+    of one type each (the usual step, where no episode ended); None otherwise.
+
+    gymnasium fills an array of the first value's type element by element; `np.array(values, dtype=type)`
+    gives the same array when the values share that type, at a fraction of the cost for large K.
+    """
+    keys = infos[0].keys()
+    if any(info.keys() != keys for info in infos):
+        return None
+    batched: dict[str, Any] = {}
+    for key in keys:
+        values = [info[key] for info in infos]
+        kind = type(values[0])
+        if not (kind in (int, float, bool) or issubclass(kind, np.number)) or any(type(v) is not kind for v in values):
+            return None
+        batched[key] = np.array(values, dtype=kind)
+        batched[f"_{key}"] = np.ones(len(infos), dtype=np.bool_)
+    return batched
 
 
 def _worker_error(w: int, what: str, index: int | None, exc_type: Any, message: str, trace: str) -> Exception:
