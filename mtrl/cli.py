@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
+    from mtrl import bench_env
+
+    bench_env.add_parser(bench_sub)  # `mtrl bench env`
 
     from mtrl import baseline, report, sweep
 
@@ -164,6 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "env":
+        from mtrl import bench_env
+
+        return bench_env.run(args)
     from mtrl.bench import run_update_bench
 
     return run_update_bench(args)
