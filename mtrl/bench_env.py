@@ -1,9 +1,10 @@
 """`mtrl bench env`: env steps/s of each vector strategy, next to the lockstep ceiling.
 
-For each benchmark, first every task's single-env steps/s: one env per task, stepped alone, one
-task after another. Then, for each strategy, the env steps/s of the whole backend (`backend.step`,
-what training pays: K env steps per vector step), after a warm-up. Actions are uniform in the
-action box, drawn from a seeded generator before the clock starts.
+For each benchmark: every task's single-env steps/s (one env per task, stepped alone, one task
+after another), and for each strategy the env steps/s of the whole backend (`backend.step`, what
+training pays: K env steps per vector step). Every backend is built and warmed up first; each of
+`--repeats` passes then times the single-task pass and every strategy in turn, and the records
+give medians. Actions are uniform in the action box, drawn from a seeded generator beforehand.
 
 A lockstep collector steps every task once per vector step, so it is bounded twice: by the slowest
 task (K × min_k rate_k env steps/s), and by the work the cores can do (C usable cores share
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -45,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
         default="0",
         help="pool workers, comma-separated for one pool record each (default 0: min(tasks, usable cores))",
     )
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over every strategy; medians (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the envs and of the random actions")
     p.add_argument("--json", action="store_true", help="print one JSON record per line")
 
@@ -58,12 +61,18 @@ def run(args: argparse.Namespace) -> int:
         workers = [int(w) for w in args.workers.split(",")]
     except ValueError:
         raise ConfigError(f"--workers must be comma-separated integers, found {args.workers!r}") from None
-    bounds = (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--workers", min(workers), 0))
+    bounds = (
+        ("--steps", args.steps, 1),
+        ("--warmup", args.warmup, 0),
+        ("--repeats", args.repeats, 1),
+        ("--workers", min(workers), 0),
+    )
     for flag, value, least in bounds:
         if value < least:
             raise ConfigError(f"{flag} must be >= {least}, found {value}")
     for benchmark in benchmarks:
-        for record in bench_benchmark(benchmark, strategies, args.steps, args.warmup, workers, args.seed):
+        records = bench_benchmark(benchmark, strategies, args.steps, args.warmup, workers, args.seed, args.repeats)
+        for record in records:
             print(json.dumps(record) if args.json else _row(record), flush=True)
     return 0
 
@@ -89,37 +98,52 @@ def lockstep_ceiling(task_rates: list[float], cores: int) -> tuple[float, str]:
 
 
 def bench_benchmark(
-    benchmark: str, strategies: list[str], steps: int, warmup: int, workers: list[int], seed: int
+    benchmark: str, strategies: list[str], steps: int, warmup: int, workers: list[int], seed: int, repeats: int
 ) -> list[dict[str, Any]]:
-    """One record per strategy (per pool size for the pool); each carries the per-task rates and the
-    ceiling measured in the same run."""
+    """One record per strategy (per pool size for the pool), each with the per-task rates and the ceiling.
+
+    Every backend is built first; then each repeat times the single-task pass and every strategy
+    one after another, so that a change of load on the machine touches all of them alike. Rates are
+    medians over the repeats.
+    """
     from mtrl.config import EnvConfig
     from mtrl.envs import backend_module, make_backend
     from mtrl.envs.pool import usable_cores
 
     cfg = EnvConfig(benchmark=benchmark)
     cores = usable_cores()
-    start = time.perf_counter()
-    sync = make_backend(cfg, seed, evaluation=False, vector_strategy="sync")
-    sync_built_s = time.perf_counter() - start
-    task_rates = _task_rates(sync, steps, warmup, np.random.default_rng(seed))
-    ceiling, formula = lockstep_ceiling(list(task_rates.values()), cores)
-
-    runs = [(s, w) for s in strategies for w in (workers if s == "pool" else [0])]
-    records = []
-    for strategy, pool_workers in runs:
-        if strategy == "sync":
-            backend, construction_s = sync, sync_built_s
-        else:
+    wanted = [(s, w) for s in strategies for w in (workers if s == "pool" else [0])]
+    built: dict[tuple[str, int], tuple[EnvBackend, float]] = {}
+    task_runs: dict[str, list[float]] = {}
+    vector_runs: dict[tuple[str, int], list[float]] = {run: [] for run in wanted}
+    try:
+        for strategy, pool_workers in [("sync", 0), *[run for run in wanted if run != ("sync", 0)]]:
             start = time.perf_counter()
-            backend = make_backend(replace(cfg, workers=pool_workers), seed, evaluation=False, vector_strategy=strategy)
-            construction_s = time.perf_counter() - start
-        try:
-            rate = _vector_rate(backend, steps, warmup, np.random.default_rng(seed))
-        finally:
-            if backend is not sync:
-                backend.close()
-        k = backend.num_tasks
+            backend = make_backend(replace(cfg, workers=pool_workers), seed, False, vector_strategy=strategy)
+            built[strategy, pool_workers] = (backend, time.perf_counter() - start)
+        sync = built["sync", 0][0]
+        actions = _actions(sync, np.random.default_rng(seed), warmup + steps)
+        for backend, _ in built.values():
+            backend.reset(seed=seed)
+            for a in actions[:warmup]:
+                backend.step(a)
+        task_runs = {task: [] for task in sync.task_names}
+        for _ in range(repeats):
+            for task, rate in _task_rates(sync, actions[warmup:]).items():
+                task_runs[task].append(rate)
+            for run in wanted:
+                vector_runs[run].append(_vector_rate(built[run][0], actions[warmup:]))
+    finally:
+        for backend, _ in built.values():
+            backend.close()
+
+    task_rates = {task: statistics.median(runs) for task, runs in task_runs.items()}
+    ceiling, formula = lockstep_ceiling(list(task_rates.values()), cores)
+    k = len(task_rates)
+    records = []
+    for (strategy, pool_workers), runs in vector_runs.items():
+        backend, construction_s = built[strategy, pool_workers]
+        rate = statistics.median(runs)
         records.append(
             {
                 "benchmark": benchmark,
@@ -129,7 +153,9 @@ def bench_benchmark(
                 "num_tasks": k,
                 "cores": cores,
                 "steps": steps,
+                "repeats": repeats,
                 "env_steps_per_s": round(rate, 1),
+                "env_steps_per_s_repeats": [round(r, 1) for r in runs],
                 "vector_steps_per_s": round(rate / k, 2),
                 "ceiling_env_steps_per_s": round(ceiling, 1),
                 "ceiling_formula": formula,
@@ -138,7 +164,6 @@ def bench_benchmark(
                 "task_steps_per_s": {t: round(r, 1) for t, r in task_rates.items()},
             }
         )
-    sync.close()
     return records
 
 
@@ -147,31 +172,24 @@ def _actions(backend: EnvBackend, rng: np.random.Generator, n: int) -> np.ndarra
     return rng.uniform(backend.action_low, backend.action_high, size).astype(np.float32)
 
 
-def _vector_rate(backend: EnvBackend, steps: int, warmup: int, rng: np.random.Generator) -> float:
-    """Env steps/s of `backend.step` over `steps` vector steps, after `warmup` of them."""
-    actions = _actions(backend, rng, warmup + steps)
-    backend.reset(seed=0)
-    for a in actions[:warmup]:
-        backend.step(a)
+def _vector_rate(backend: EnvBackend, actions: np.ndarray) -> float:
+    """Env steps/s of `backend.step` over the vector steps of `actions`."""
     start = time.perf_counter()
-    for a in actions[warmup:]:
+    for a in actions:
         backend.step(a)
-    return steps * backend.num_tasks / (time.perf_counter() - start)
+    return actions.size // backend.act_dim / (time.perf_counter() - start)
 
 
-def _task_rates(backend: EnvBackend, steps: int, warmup: int, rng: np.random.Generator) -> dict[str, float]:
+def _task_rates(backend: EnvBackend, actions: np.ndarray) -> dict[str, float]:
     """Each task's single-env steps/s: the sub-envs of a sync backend, stepped alone one after another."""
-    actions = _actions(backend, rng, warmup + steps)
     rates = {}
     for k, (task, env) in enumerate(zip(backend.task_names, backend.vector_env.envs, strict=True)):
-        env.reset(seed=k)
-        for i in range(warmup + steps):
-            if i == warmup:
-                start = time.perf_counter()
-            _, _, terminated, truncated, _ = env.step(actions[i, k])
+        start = time.perf_counter()
+        for a in actions[:, k]:
+            _, _, terminated, truncated, _ = env.step(a)
             if terminated or truncated:
                 env.reset()
-        rates[task] = steps / (time.perf_counter() - start)
+        rates[task] = len(actions) / (time.perf_counter() - start)
     return rates
 
 

@@ -18,7 +18,9 @@ FIELDS = {
     "num_tasks",
     "cores",
     "steps",
+    "repeats",
     "env_steps_per_s",
+    "env_steps_per_s_repeats",
     "vector_steps_per_s",
     "ceiling_env_steps_per_s",
     "ceiling_formula",
@@ -40,6 +42,7 @@ def test_the_lockstep_ceiling_is_k_times_the_slowest_task_or_what_the_cores_shar
 
 def test_bench_env_on_the_toy_benchmark_writes_one_record_per_strategy(capsys):
     argv = ["bench", "env", "--json", "--benchmarks", "toy", "--steps", "60", "--warmup", "5", "--workers", "1,2"]
+    argv += ["--repeats", "3"]
     assert main(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["strategy"], r["workers"]) for r in records] == [("sync", 1), ("async", 4), ("pool", 1), ("pool", 2)]
@@ -59,7 +62,8 @@ def test_bench_env_on_the_toy_benchmark_writes_one_record_per_strategy(capsys):
         assert r["ceiling_env_steps_per_s"] == pytest.approx(ceiling, abs=0.1) and r["ceiling_formula"] == formula
         assert r["ratio_to_ceiling"] == pytest.approx(r["env_steps_per_s"] / r["ceiling_env_steps_per_s"], abs=1e-4)
         assert r["vector_steps_per_s"] == pytest.approx(r["env_steps_per_s"] / 4, abs=0.05)
-        assert r["env_steps_per_s"] > 0 and r["construction_s"] >= 0
+        assert r["env_steps_per_s"] == pytest.approx(sorted(r["env_steps_per_s_repeats"])[1], abs=0.1)  # median of 3
+        assert r["env_steps_per_s"] > 0 and r["construction_s"] >= 0 and r["repeats"] == 3
 
 
 @pytest.mark.parametrize(
@@ -68,6 +72,7 @@ def test_bench_env_on_the_toy_benchmark_writes_one_record_per_strategy(capsys):
         (["--benchmarks", "MT7"], "unknown benchmark(s) ['MT7']; choose from: MT10, MT25, MT50, toy"),
         (["--strategies", "sync,fork"], "unknown strategy(s) ['fork']; choose from: sync, async, pool"),
         (["--steps", "0"], "--steps must be >= 1, found 0"),
+        (["--repeats", "0"], "--repeats must be >= 1, found 0"),
         (["--workers", "2,-1"], "--workers must be >= 0, found -1"),
         (["--workers", "two"], "--workers must be comma-separated integers, found 'two'"),
     ],
