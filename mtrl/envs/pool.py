@@ -4,8 +4,11 @@ gymnasium's `SyncVectorEnv` steps every sub-env on one core; its `AsyncVectorEnv
 a process of its own, which oversubscribes the cores once K exceeds them (MT50) and pays a pipe round
 trip and a pickled observation per sub-env and step. The pool sits between the two:
 
-- W worker processes (by default one per usable core, at most K) each own a chunk of the sub-envs,
-  contiguous (`0..4 | 5..9`) or round-robin (`0,2,4.. | 1,3,5..`), and step them one after another;
+- W worker processes (by default one per usable core, at most K) each own a share of the sub-envs,
+  round-robin (`0,2,4.. | 1,3,5..`, the default) or contiguous (`0..4 | 5..9`), and step them one
+  after another. A lockstep step lasts as long as the busiest worker's share; neighbours in
+  Meta-World's task lists are often alike in cost (push and pick-place, the drawers, the windows),
+  so round-robin spreads the costly ones better than contiguous chunks do;
 - actions, observations, final observations, rewards and the done flags live in one shared-memory
   block that both sides view as numpy arrays, so a step costs one short command per worker and one
   reply that carries only the sub-envs' info dicts;
@@ -44,7 +47,7 @@ from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoA
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-CHUNKINGS = ("contiguous", "round_robin")
+CHUNKINGS = ("round_robin", "contiguous")
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent is still alive
 _FORBIDDEN_CALLS = ("reset", "step", "close", "_setattr", "_check_spaces")
 
@@ -63,8 +66,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def assign(num_envs: int, workers: int, chunking: str = "contiguous") -> list[list[int]]:
-    """The sub-envs of each worker: near-equal contiguous chunks, or every `workers`-th sub-env."""
+def assign(num_envs: int, workers: int, chunking: str = "round_robin") -> list[list[int]]:
+    """The sub-envs of each worker: every `workers`-th sub-env, or near-equal contiguous chunks."""
     if chunking not in CHUNKINGS:
         raise ValueError(f"chunking must be one of {', '.join(CHUNKINGS)}; found {chunking!r}")
     if chunking == "contiguous":
@@ -112,7 +115,7 @@ class EnvPool(gym.vector.VectorEnv):
         env_fns: Iterable[Callable[[], gym.Env]],
         num_envs: int | None = None,
         workers: int = 0,
-        chunking: str = "contiguous",
+        chunking: str = "round_robin",
         context: str | None = None,
         close_timeout: float = 10.0,
     ):
@@ -323,8 +326,8 @@ class EnvPool(gym.vector.VectorEnv):
     def _dead(self, w: int) -> EnvPoolError:
         process = self._processes[w]
         process.join(1.0)
-        chunk = self.assignment[w]
-        self._broken = f"env pool worker {w} (sub-envs {chunk[0]}..{chunk[-1]}) died (exit code {process.exitcode})"
+        envs = ", ".join(map(str, self.assignment[w]))
+        self._broken = f"env pool worker {w} (sub-envs {envs}) died (exit code {process.exitcode})"
         return EnvPoolError(self._broken)
 
     def _gather(self, what: str, count: list[int] | None = None, fatal: bool = False) -> list[Any]:
