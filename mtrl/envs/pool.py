@@ -50,6 +50,7 @@ from gymnasium.vector.utils import batch_space
 CHUNKINGS = ("round_robin", "contiguous")
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent is still alive
 _FORBIDDEN_CALLS = ("reset", "step", "close", "_setattr", "_check_spaces")
+_REAL = (int, float, bool, np.integer, np.floating, np.bool_)
 
 Layout = list[tuple[str, tuple[int, ...], str, int]]  # (name, shape, dtype, byte offset) per shared array
 
@@ -393,11 +394,12 @@ class EnvPool(gym.vector.VectorEnv):
 
 
 def _batch_flat_infos(infos: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """`_add_info`'s result in one array per key, when every sub-env reported the same keys with numbers
-    of one type each (the usual step, where no episode ended); None otherwise.
+    """`_add_info`'s result in one array per key, when every sub-env reported the same keys with plain
+    numbers (the usual step, where no episode ended); None otherwise.
 
-    gymnasium fills an array of the first value's type element by element; `np.array(values, dtype=type)`
-    gives the same array when the values share that type, at a fraction of the cost for large K.
+    gymnasium fills an array of the first value's type element by element. `np.array(values, dtype=type)`
+    casts the same way, at a fraction of the cost for large K, when the values share that type or,
+    for a float array, are any real numbers (Meta-World mixes floats, bools and ints under one key).
     """
     keys = infos[0].keys()
     if any(info.keys() != keys for info in infos):
@@ -406,7 +408,12 @@ def _batch_flat_infos(infos: list[dict[str, Any]]) -> dict[str, Any] | None:
     for key in keys:
         values = [info[key] for info in infos]
         kind = type(values[0])
-        if not (kind in (int, float, bool) or issubclass(kind, np.number)) or any(type(v) is not kind for v in values):
+        if not (kind in (int, float, bool) or issubclass(kind, np.number)):
+            return None
+        if issubclass(kind, float | np.floating):
+            if not all(isinstance(v, _REAL) for v in values):
+                return None
+        elif any(type(v) is not kind for v in values):
             return None
         batched[key] = np.array(values, dtype=kind)
         batched[f"_{key}"] = np.ones(len(infos), dtype=np.bool_)
