@@ -332,6 +332,30 @@ class Probe(gym.Env):
             time.sleep(1)
 
 
+# ----- training on the pool: the same numbers --------------------------------------------------------------
+def test_training_on_the_pool_gives_the_metrics_of_sync_also_across_a_resume(tmp_path):
+    import json
+
+    import yaml
+
+    from mtrl.cli import main
+    from tests.conftest import TOY_OVERRIDES, nested_config
+
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump(nested_config([*TOY_OVERRIDES, "checkpoint.save_buffer=true"])))
+
+    def metrics(run_dir) -> list[dict]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")} for line in lines]
+
+    assert main(["train", "--config", str(preset), f"run.dir={tmp_path / 'sync'}"]) == 0
+    pool_run = [f"run.dir={tmp_path / 'pool'}", "env.vector_strategy=pool", "env.workers=2"]
+    assert main(["train", "--config", str(preset), *pool_run, "train.total_steps=100"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "pool"), "train.total_steps=200"]) == 0
+    expected = metrics(tmp_path / "sync")
+    assert len(expected) == 12 and metrics(tmp_path / "pool") == expected
+
+
 # ----- Meta-World ---------------------------------------------------------------------------------------
 @pytest.mark.metaworld
 def test_mt10_pool_is_bit_identical_to_sync():
