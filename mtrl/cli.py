@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
-    from mtrl import bench_train
+    from mtrl import bench_env, bench_train
 
-    bench_train.add_parser(bench_sub)
+    for module in (bench_train, bench_env):  # `mtrl bench train`, `mtrl bench env`
+        module.add_parser(bench_sub)
 
     from mtrl import baseline, report, sweep
 
@@ -190,9 +191,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mtrl import bench, bench_train
+    from mtrl import bench, bench_env, bench_train
 
-    return {"update": bench.run_update_bench, "train": bench_train.run}[args.bench](args)
+    return {"update": bench.run_update_bench, "train": bench_train.run, "env": bench_env.run}[args.bench](args)
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:

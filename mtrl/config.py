@@ -38,7 +38,8 @@ class EnvConfig:
     benchmark: str = _f("MT10", "MT1 | MT10 | MT25 | MT50 | custom | toy (built-in, no MuJoCo)")
     tasks: list[str] = _f([], "MT1: one task name (e.g. reach-v3); custom: the task names; toy: unused")
     toy_tasks: int = _f(4, "number of tasks of the toy benchmark")
-    vector_strategy: str = _f("sync", "sync | async vectorisation of the training envs")
+    vector_strategy: str = _f("sync", "training envs: sync | async | pool (several tasks per worker process)")
+    workers: int = _f(0, "worker processes of vector_strategy=pool (0: min(tasks, usable cores))")
     reward_version: str = _f("v2", "Meta-World reward function: v2 (default) or v1 (paper protocol)")
     max_episode_steps: int = _f(500, "episode length (time limit); the paper protocol uses 150")
     num_goals: int = _f(50, "goals per task drawn on reset; the paper protocol uses 1")
@@ -327,7 +328,8 @@ def validate(cfg: Config) -> None:
     from mtrl import envs  # local: the backend registry, which builds nothing
 
     _choice("env.benchmark", env.benchmark, envs.benchmarks())
-    _choice("env.vector_strategy", env.vector_strategy, ("sync", "async"))
+    _choice("env.vector_strategy", env.vector_strategy, ("sync", "async", "pool"))
+    _check(env.workers >= 0, f"env.workers must be >= 0, found {env.workers}")
     _choice("eval.vector_strategy", cfg.eval.vector_strategy, ("sync", "async"))
     _choice("env.reward_version", env.reward_version, ("v1", "v2"))
     _check(env.max_episode_steps > 0, f"env.max_episode_steps must be > 0, found {env.max_episode_steps}")

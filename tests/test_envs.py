@@ -176,6 +176,47 @@ def test_a_state_saved_for_other_tasks_is_refused_in_one_line(case):
     assert str(err.value) == f"env state has no entry for task {case.missing_task!r}: it was saved for other tasks"
 
 
+@pytest.mark.parametrize(
+    "benchmark, strategy",
+    [
+        ("toy", "sync"),
+        ("toy", "async"),
+        ("toy", "pool"),
+        pytest.param("MT1", "sync", marks=pytest.mark.metaworld),
+        pytest.param("MT1", "async", marks=pytest.mark.metaworld),
+        pytest.param("MT1", "pool", marks=pytest.mark.metaworld),
+    ],
+)
+def test_step_async_then_step_wait_gives_what_step_gives(benchmark, strategy):
+    cfg = EnvConfig(benchmark=benchmark, tasks=["reach-v3"], toy_tasks=3, max_episode_steps=STEPS, num_goals=5)
+    reference = make_backend(cfg, 0, evaluation=False, vector_strategy="sync")
+    split = make_backend(cfg, 0, evaluation=False, vector_strategy=strategy)
+    try:
+        np.testing.assert_array_equal(reference.reset(seed=0), split.reset(seed=0))
+        rng, ends = np.random.default_rng(0), 0
+        for _ in range(2 * STEPS + 2):
+            actions = random_actions(reference, rng)
+            expected = reference.step(actions)
+            split.step_async(actions)
+            actions[:] = 0  # the caller may reuse its array while the step is in flight
+            got = split.step_wait()
+            for name in ("obs", "next_obs", "reward", "terminated", "truncated", "success"):
+                np.testing.assert_array_equal(getattr(expected, name), getattr(got, name), err_msg=name)
+            ends += int(got.truncated.sum())
+        assert ends == 2 * split.num_tasks  # every task crossed two time limits
+
+        with pytest.raises(RuntimeError, match=r"^step_wait\(\) without a step_async\(\) before it$"):
+            split.step_wait()
+        split.step_async(actions)
+        for call in (lambda: split.step_async(actions), split.reset, split.get_state):
+            with pytest.raises(RuntimeError, match=r"while a step is in flight: call step_wait\(\) first$"):
+                call()
+        assert split.step_wait().obs.shape == (split.num_tasks, split.obs_dim)
+    finally:
+        reference.close()
+        split.close()
+
+
 def test_the_state_of_one_task_restores_that_task_only():
     backend = toy_case().train
     backend.reset(seed=0)

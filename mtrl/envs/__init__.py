@@ -60,7 +60,7 @@ def make_backend(
 ) -> EnvBackend:
     """Training envs (`evaluation=False`) or protocol evaluation envs (`evaluation=True`).
 
-    Both built with the same seed hold the same goal sets. `vector_strategy` (sync | async)
+    Both built with the same seed hold the same goal sets. `vector_strategy` (sync | async | pool)
     defaults to `cfg.vector_strategy`; `render` (`camera_name`, `width`, `height`) makes every
     sub-env render RGB frames.
     """

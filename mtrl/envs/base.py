@@ -2,7 +2,8 @@
 
 A backend runs K tasks side by side, task i in slot i, and speaks numpy: a batched `reset`, and a
 batched `step` that returns a `Step` of plain arrays, with the auto-reset already done and the true
-final observations and successes of the episodes that ended kept apart. `get_state`/`set_state`
+final observations and successes of the episodes that ended kept apart. `step_async`/`step_wait`
+split a step in two so that the caller can compute while envs in worker processes step. `get_state`/`set_state`
 save and restore what decides the next episodes (RNG states, goal order) as a JSON string.
 `vector_env` is the one gymnasium object in the interface, for gym-only tools (videos, the SB3
 baseline, Meta-World's own evaluator). docs/envs.md says how to add a backend.
@@ -55,6 +56,19 @@ class EnvBackend(Protocol):
 
     def step(self, actions: np.ndarray) -> Step:
         """Apply `actions` [K, act_dim]; tasks whose episode ended are reset in the same call."""
+        ...
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start `step(actions)` and return at once; `step_wait` returns its `Step`.
+
+        Between the two the caller may compute (an update, say) while envs that run in other
+        processes step. `step(a)` is `step_async(a)` then `step_wait()`. Nothing else may be asked
+        of the backend while a step is in flight.
+        """
+        ...
+
+    def step_wait(self) -> Step:
+        """The `Step` of the `step_async` before it."""
         ...
 
     def get_state(self) -> str:

@@ -12,10 +12,14 @@ from __future__ import annotations
 import base64
 import pickle
 import warnings
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+import numpy as np
 
+from mtrl.envs.pool import EnvPool
 from mtrl.envs.vector import VectorEnvBackend
 
 if TYPE_CHECKING:
@@ -75,7 +79,9 @@ def make_backend(
         task_select="pseudorandom" if evaluation else "random",
         **render_kwargs,
     )
-    if cfg.benchmark in ("MT10", "MT25", "MT50"):
+    if vector_strategy == "pool":
+        envs = EnvPool(_sub_env_fns(cfg, seed, kwargs), num_envs=len(task_names(cfg)), workers=cfg.workers)
+    elif cfg.benchmark in ("MT10", "MT25", "MT50"):
         envs = gym.make_vec(f"Meta-World/{cfg.benchmark}", seed=seed, **kwargs)
     else:
         # The custom entry point seeds sub-env i with `seed + i` but treats seed 0 as "unseeded";
@@ -85,6 +91,60 @@ def make_backend(
         # Pseudorandom goal selection only advances through the goal list when this is on.
         envs.call("toggle_sample_tasks_on_reset", True)
     return MetaWorldBackend(envs, task_names(cfg))
+
+
+def _sub_env_fns(cfg: EnvConfig, seed: int, kwargs: dict[str, Any]) -> Iterator[Callable[[], gym.Env]]:
+    """Each sub-env's constructor, as Meta-World's vector entry points (above) build that sub-env.
+
+    So an `EnvPool` built from them holds the same goals and gives the same steps as `gym.make_vec`
+    with the same seed. The MT10/25/50 goals come from one global NumPy stream seeded once and
+    consumed task after task (Meta-World's `_make_tasks`), so they are drawn here, in order; each
+    task's constructor is yielded as soon as its goals exist, and the pool's workers build the
+    sub-envs while the next goals are drawn. MT1 and custom tasks draw their goals from their own
+    seeds, inside the sub-env's constructor, so the workers do all of it.
+    """
+    mw = _metaworld()
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("vector_strategy", "use_one_hot")}
+    names = task_names(cfg)
+    if cfg.benchmark not in ("MT10", "MT25", "MT50"):
+        # the custom entry point's seeds: `seed + 1` (see make_backend), plus the sub-env's index
+        for idx, name in enumerate(names):
+            yield partial(_custom_sub_env, name, idx, len(names), seed + 1 + idx, cfg.num_goals, kwargs)
+        return
+    from metaworld import env_dict
+
+    classes = getattr(env_dict, f"{cfg.benchmark}_V3")
+    args_kwargs = getattr(env_dict, f"{cfg.benchmark}_V3_ARGS_KWARGS")
+    # Meta-World's goal generation needs the global NumPy RNG; keep its stream apart from the
+    # caller's (who may use the global RNG between two yields) and restore the caller's each time.
+    outer = np.random.get_state()
+    np.random.seed(seed)
+    stream = np.random.get_state()
+    np.random.set_state(outer)
+    for env_id, (name, cls) in enumerate(classes.items()):
+        outer = np.random.get_state()
+        np.random.set_state(stream)
+        try:
+            goals = mw._make_tasks(classes, {name: args_kwargs[name]}, mw._MT_OVERRIDE, seed=None)
+        finally:
+            stream = np.random.get_state()
+            np.random.set_state(outer)
+        yield partial(
+            mw._init_each_env,
+            env_cls=cls,
+            tasks=goals,
+            seed=seed,
+            env_id=env_id,
+            num_tasks=len(classes),
+            use_one_hot=True,
+            **kwargs,
+        )
+
+
+def _custom_sub_env(name: str, idx: int, num_tasks: int, seed: int, num_goals: int, kwargs: dict) -> gym.Env:
+    mw = _metaworld()
+    mw._N_GOALS = num_goals  # this worker's copy of the global that make_backend sets
+    return mw.make_mt_envs(name, num_tasks=num_tasks, env_id=idx, seed=seed, use_one_hot=True, **kwargs)
 
 
 class MetaWorldBackend(VectorEnvBackend):

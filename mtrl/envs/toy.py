@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
+from mtrl.envs.pool import EnvPool
 from mtrl.envs.vector import VectorEnvBackend
 
 if TYPE_CHECKING:
@@ -36,8 +37,11 @@ def make_backend(
 ) -> ToyBackend:
     render_kwargs = {} if render is None else {"render_mode": "rgb_array", **render}
     fns = [partial(_toy_env, i, cfg, seed, evaluation, render_kwargs) for i in range(cfg.toy_tasks)]
-    vector_cls = gym.vector.SyncVectorEnv if vector_strategy == "sync" else gym.vector.AsyncVectorEnv
-    envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    if vector_strategy == "pool":
+        envs = EnvPool(fns, workers=cfg.workers)
+    else:
+        vector_cls = gym.vector.SyncVectorEnv if vector_strategy == "sync" else gym.vector.AsyncVectorEnv
+        envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     return ToyBackend(envs, task_names(cfg))
 
 

@@ -5,6 +5,9 @@ The sub-envs speak Meta-World's surface: `info["success"]`, and `get_checkpoint(
 same step (`AutoresetMode.SAME_STEP`), so the final observation and info of an episode that ended
 arrive in `info["final_obs"]` / `info["final_info"]`; `step` moves them into the `Step` arrays.
 A backend module subclasses this and says how its sub-envs' states become JSON and goals.
+`step_async`/`step_wait` use the vector env's own split where it has one (gymnasium's
+`AsyncVectorEnv`, `EnvPool`: the sub-envs step in their processes in between); on other vector
+envs the whole step runs in `step_wait`.
 """
 
 from __future__ import annotations
@@ -40,17 +43,39 @@ class VectorEnvBackend:
         self.act_dim = int(np.prod(action_space.shape))
         self.action_low = np.asarray(action_space.low, dtype=np.float32).reshape(self.act_dim)
         self.action_high = np.asarray(action_space.high, dtype=np.float32).reshape(self.act_dim)
+        self._splits_steps = callable(getattr(vector_env, "step_async", None))
+        # the step in flight: True (the vector env holds it) or the actions still to apply; None when idle
+        self._in_flight: bool | np.ndarray | None = None
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
+        self._check_idle("reset")
         obs, _ = self.vector_env.reset(seed=seed)
         return np.asarray(obs, dtype=np.float32)
 
     def step(self, actions: np.ndarray) -> Step:
-        obs, reward, terminated, truncated, info = self.vector_env.step(actions)
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._check_idle("step_async")
+        if self._splits_steps:
+            self.vector_env.step_async(actions)
+            self._in_flight = True
+        else:  # a copy: the caller may reuse its array before step_wait
+            self._in_flight = np.array(actions, copy=True)
+
+    def step_wait(self) -> Step:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            raise RuntimeError("step_wait() without a step_async() before it")
+        if in_flight is True:
+            obs, reward, terminated, truncated, info = self.vector_env.step_wait()
+        else:
+            obs, reward, terminated, truncated, info = self.vector_env.step(in_flight)
         terminated, truncated = np.asarray(terminated, dtype=bool), np.asarray(truncated, dtype=bool)
         done = terminated | truncated
         next_obs = np.array(obs, dtype=np.float32, copy=True)
@@ -72,10 +97,12 @@ class VectorEnvBackend:
     # ----- state: a JSON list of (env id, state) pairs, one per sub-env ---------------------------
     def get_state(self, tasks: Sequence[int] | None = None) -> str:
         """All sub-envs' state, or only that of the sub-envs `tasks` (synchronous vector envs only)."""
+        self._check_idle("get_state")
         return json.dumps([(env_id, self._save(ckpt)) for env_id, ckpt in self._checkpoints(tasks)])
 
     def set_state(self, state: str, tasks: Sequence[int] | None = None) -> None:
         """Restore `get_state(tasks)`; the sub-envs outside `tasks` keep theirs."""
+        self._check_idle("set_state")
         saved = {env_id: ckpt for env_id, ckpt in json.loads(state)}
         indices = range(self.num_tasks) if tasks is None else tasks
         merged = []
@@ -91,6 +118,7 @@ class VectorEnvBackend:
                 self._sub_env(i).get_wrapper_attr("load_checkpoint")(merged)
 
     def goal_sets(self) -> list[np.ndarray]:
+        self._check_idle("goal_sets")
         return [
             np.array(sorted(np.asarray(g, dtype=np.float64).tolist() for g in self._goals(ckpt)))
             for _, ckpt in self._checkpoints(None)
@@ -98,6 +126,10 @@ class VectorEnvBackend:
 
     def close(self) -> None:
         self.vector_env.close()
+
+    def _check_idle(self, what: str) -> None:
+        if self._in_flight is not None:
+            raise RuntimeError(f"{what}() while a step is in flight: call step_wait() first")
 
     # ----- what a backend module says about its sub-envs --------------------------------------
     def _save(self, ckpt: dict[str, Any]) -> dict[str, Any]:
