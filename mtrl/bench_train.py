@@ -3,10 +3,10 @@
 For each combiner, the real trainer runs on one set of training envs (built once per benchmark):
 a warm-up of random actions fills the replay, `--settle` vector steps with updates let caches,
 allocators and compilers settle, then `--steps` vector steps are timed. Serially (`train.overlap`
-off), each vector step is "collect" (act, step the envs, store) then "update"; their medians are
+off), each vector step is "collect" (act, step the envs, store) then "update"; their means are
 `collect_ms` and `update_ms`, read from the trainer's phase hooks. With `--overlap`, the same
 combiner then runs with `train.overlap=true` on the same envs, and `overlap_efficiency` is
-`vector_steps_per_s × max(collect_ms, update_ms)` with the serial run's medians: 1 when the slower
+`vector_steps_per_s × max(collect_ms, update_ms)` with the serial run's means: 1 when the slower
 of the two hides the other completely, about max/(collect+update) for a serial loop.
 """
 
@@ -101,8 +101,8 @@ def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                 timer = _Timer(start, start + args.steps)
                 Trainer(cfg, run_dir, callbacks=[timer], parts=parts).train()
                 rate = args.steps / (timer.ended - timer.began)
-                collect_ms = 1000 * statistics.median(timer.durations["collect"])
-                update_ms = 1000 * statistics.median(timer.durations["update"])
+                collect_ms = 1000 * statistics.fmean(timer.durations["collect"])
+                update_ms = 1000 * statistics.fmean(timer.durations["update"])
                 record = {
                     "benchmark": args.benchmark,
                     "combiner": combiner,
