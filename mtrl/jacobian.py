@@ -52,8 +52,23 @@ def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
 
     One backward of `sum_k L_k` gives every task-specific slice its own task's gradient; the
     shared gradients are then divided by K, which is exactly `loss.mean().backward()` for them.
-    The backward is `torch.func.grad`, like the Jacobian's, so that it traces into a compiled graph.
+    Eagerly this is one `torch.autograd.grad`; inside `torch.compile` (which does not trace
+    `autograd.grad`) the same gradient comes from `torch.func.grad`, like the Jacobian's.
     """
+    if torch.compiler.is_compiling():
+        return _mean_backward_traceable(objective)
+    o = objective
+    losses, aux = vmap(o.loss_fn, in_dims=_IN_DIMS)(dict(o.shared), dict(o.task), o.inputs, o.consts)
+    params = o.parameters()
+    grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = torch.zeros_like(p) if g is None else g
+    for p in o.shared.values():
+        p.grad.div_(o.num_tasks)
+    return losses.detach(), aux
+
+
+def _mean_backward_traceable(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     o = objective
 
     def summed_loss(shared: Params, task: Params):
@@ -63,9 +78,8 @@ def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     shared = {name: p.detach() for name, p in o.shared.items()}
     task = {name: p.detach() for name, p in o.task.items()}
     (g_shared, g_task), (losses, aux) = grad(summed_loss, argnums=(0, 1), has_aux=True)(shared, task)
-    k = objective.num_tasks
     for name, p in o.shared.items():
-        p.grad = g_shared[name].div_(k)
+        p.grad = g_shared[name].div_(o.num_tasks)
     for name, p in o.task.items():
         p.grad = g_task[name]
     return losses, aux

@@ -33,9 +33,9 @@ if [ "$DEVICE" = cuda ]; then
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "gpu_check: torch sees no CUDA device; set GPU_CHECK_DEVICE=cpu for a CPU rehearsal" >&2; exit 2; }
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-    STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=3000; SIZES=()
+    STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=3000; TRAIN_WARMUP=500; SIZES=()
 else  # a rehearsal: the same steps, sizes that finish in seconds on a CPU
-    STEPS=4; MT50_STEPS=4; TASKS=2; TRAIN_STEPS=60
+    STEPS=4; MT50_STEPS=4; TASKS=2; TRAIN_STEPS=60; TRAIN_WARMUP=30
     SIZES=(--set agent.hidden_sizes=[16,16] --set train.batch_per_task=4)
 fi
 "$PY" - > "$OUT/versions.json" <<'EOF'
@@ -65,7 +65,7 @@ step bench_train_mt50 180 bench_train_mt50.json "$PY" -m mtrl bench train --json
     --combiner mean,cagrad --device "$DEVICE" --steps "$MT50_STEPS" --warmup 100 --overlap --strategy pool "${SIZES[@]}"
 step bench_env 60 bench_env.json "$PY" -m mtrl bench env --json --benchmarks MT10 --steps 300
 step train_mt10 90 train_mt10.txt "$PY" -m mtrl train --config configs/mt10_mtsac.yaml device="$DEVICE" \
-    run.dir="$OUT/train_mt10" train.total_steps="$TRAIN_STEPS" train.warmup_steps=500 train.overlap=true \
+    run.dir="$OUT/train_mt10" train.total_steps="$TRAIN_STEPS" train.warmup_steps="$TRAIN_WARMUP" train.overlap=true \
     env.vector_strategy=pool eval.every=0 eval.episodes=1 checkpoint.every=0 log.every=500 log.progress=false \
     log.tensorboard=false
 cp "$OUT/train_mt10/metrics.jsonl" "$OUT/train_mt10_metrics.jsonl" 2>/dev/null

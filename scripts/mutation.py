@@ -19,11 +19,12 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "jacobian": (["mtrl.jacobian.*"], ["tests/test_jacobian.py", "tests/test_sac.py"]),
     "evaluation": (["mtrl.evaluation.*"], ["tests/test_evaluation.py", "tests/test_evaluator_scripted.py"]),
     "checkpoint": (["mtrl.checkpoint.*"], ["tests/test_checkpoint.py"]),
-    # The run state of the trainer: what a checkpoint holds and how a resume restores it.
+    # What a checkpoint holds and how a resume restores it.
     "runstate": (
-        ["mtrl.trainer.xǁTrainerǁstate__mutmut_*", "mtrl.trainer.xǁTrainerǁ_restore__mutmut_*"],
-        ["tests/test_trainer.py"],
+        ["mtrl.runstate.*"],
+        ["tests/test_trainer.py", "tests/test_checkpoint.py"],
     ),
+    "optim": (["mtrl.optim.*"], ["tests/test_sac.py", "tests/test_adatask.py"]),
     "adatask": (["mtrl.adatask.*"], ["tests/test_adatask.py", "tests/test_sac.py"]),
     "combiners": (["mtrl.combiners.*"], sorted(str(p) for p in Path("tests").glob("test_combiner_*.py"))),
 }

@@ -89,6 +89,17 @@ def edit_checkpoint_config(name: str, key: str, value) -> Callable[[Path], None]
     return setup
 
 
+def rename_checkpoint_tasks(name: str) -> Callable[[Path], None]:
+    """The same number of tasks with the same dimensions, under other names."""
+
+    def setup(d: Path) -> None:
+        state = torch.load(d / name, weights_only=True)
+        state["task_names"] = [f"other-{i}" for i in range(len(state["task_names"]))]
+        torch.save(state, d / name)
+
+    return setup
+
+
 def remove_checkpoints(d: Path) -> None:
     for p in (d / RUN / "checkpoints").iterdir():
         p.unlink()
@@ -306,6 +317,12 @@ CASES = [
         "resume with other tasks",
         ("train", "--resume", RUN, "env.toy_tasks=5"),
         "was saved for other tasks or dimensions",
+    ),
+    Case(
+        "resume a checkpoint of other tasks with the same dimensions",
+        ("train", "--resume", RUN),
+        "was saved for other tasks or dimensions",
+        (rename_checkpoint_tasks(LATEST),),
     ),
     Case(
         "resume with other network sizes",

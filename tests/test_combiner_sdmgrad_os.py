@@ -120,3 +120,10 @@ def test_mtrl_recipe_differs_from_sdmgrad_below_50_tasks():
     matrix = conflicting(10, 35, 1)
     os_update = make_combiner("sdmgrad_os", solver="mtrl")(matrix)
     assert (os_update - make_combiner("sdmgrad", solver="mtrl")(matrix)).norm() > 1e-3 * os_update.norm()
+
+
+@pytest.mark.parametrize("num_tasks", [0, 2.5, True])
+def test_drawing_from_an_impossible_number_of_tasks_is_refused(num_tasks):
+    with pytest.raises(ValueError, match="`num_tasks` must be"):
+        make_combiner("sdmgrad_os").select_tasks(num_tasks, torch.Generator().manual_seed(0))
+
