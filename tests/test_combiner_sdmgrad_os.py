@@ -126,4 +126,3 @@ def test_mtrl_recipe_differs_from_sdmgrad_below_50_tasks():
 def test_drawing_from_an_impossible_number_of_tasks_is_refused(num_tasks):
     with pytest.raises(ValueError, match="`num_tasks` must be"):
         make_combiner("sdmgrad_os").select_tasks(num_tasks, torch.Generator().manual_seed(0))
-
