@@ -118,7 +118,7 @@ class Trainer:
                 if c.env_steps % cfg.log.every == 0:
                     self._log_train(bar)
                 if (cfg.eval.every and c.env_steps % cfg.eval.every == 0) or last:
-                    self._evaluate(bar)
+                    self.evaluate(bar)
                 if (cfg.checkpoint.every and c.env_steps % cfg.checkpoint.every == 0) or last:
                     self.save_checkpoint()
                 if not all(callback.on_step(self) is not False for callback in self.callbacks) and not last:
@@ -187,9 +187,9 @@ class Trainer:
         pending = 1 if self.cfg.train.overlap else 0
         if self.counters.env_steps + pending >= self.progress.learning_starts:
             for _ in range(self.cfg.train.updates_per_step):
-                self._update()
+                self.update()
 
-    def _update(self) -> dict[str, torch.Tensor] | None:
+    def update(self) -> dict[str, torch.Tensor] | None:
         """One update; its metrics, or None if it was not finite and was skipped."""
         c, cfg, parts = self.counters, self.cfg, self.parts
         batch = parts.buffer.sample(cfg.train.batch_per_task, parts.gen_device, parts.device)
@@ -236,7 +236,8 @@ class Trainer:
             postfix["success"] = f"{p.last_eval.mean_success:.2f}"
         bar.set_postfix(postfix, refresh=False)
 
-    def _evaluate(self, bar: tqdm) -> EvalResult:
+    def evaluate(self, bar: tqdm | None = None) -> EvalResult:
+        """Evaluate the current policy (the protocol, on the evaluation envs) and log the result."""
         start = time.perf_counter()
         with phase(self.callbacks, "eval"):
             result = self.parts.evaluator(self.policy())
@@ -246,7 +247,8 @@ class Trainer:
         values = {**result.metrics(self.parts.tasks), "perf/eval_seconds": time.perf_counter() - start}
         self.logger.log(self.counters.env_steps, "eval", values)
         self.logger.flush()
-        bar.set_postfix({"success": f"{result.mean_success:.2f}"}, refresh=False)
+        if bar is not None:
+            bar.set_postfix({"success": f"{result.mean_success:.2f}"}, refresh=False)
         tqdm.write(result.summary(self.counters.env_steps, self.cfg.eval.episodes))
         return result
 

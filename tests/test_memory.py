@@ -74,12 +74,12 @@ def _measure(mode: str, run: Path) -> dict:
     bar = tqdm(disable=True)
     leaked = []
     for _ in range(WARMUP):
-        trainer._evaluate(bar)
+        trainer.evaluate(bar)
     growth = {}
     for phase in phases:
         before = _rss()
         for _ in range(evaluations):
-            trainer._evaluate(bar)
+            trainer.evaluate(bar)
             if phase == "leak":
                 leaked.append(np.ones(LEAK, dtype=np.uint8))  # touched, so resident
         growth[phase] = _rss() - before

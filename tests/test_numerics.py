@@ -151,12 +151,12 @@ def test_a_bad_update_writes_nothing_and_a_good_one_does(kind, combiner, tmp_pat
     injector = FaultInjector(trainer, {0: kind}, monkeypatch)
     before = agent_state(trainer)
     counts = (c.updates, c.bad_updates, c.bad_streak)
-    assert trainer._update() is None
+    assert trainer.update() is None
     injector.finish()
     assert injector.verified == 1
     assert (c.updates, c.bad_updates, c.bad_streak) == (counts[0], counts[1] + 1, counts[2] + 1)
 
-    metrics = trainer._update()  # the next, clean batch
+    metrics = trainer.update()  # the next, clean batch
     assert metrics is not None and (c.updates, c.bad_updates, c.bad_streak) == (counts[0] + 1, counts[1] + 1, 0)
     after = agent_state(trainer)
     with pytest.raises(AssertionError):  # the comparison can fail: a good update does write
