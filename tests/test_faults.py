@@ -78,7 +78,8 @@ def _instrumented_main(argv: list[str]) -> int:
     """`mtrl.cli.main(argv)`, recording the current phase and how often each began in shared memory."""
     fd = os.open(os.environ[PHASE_ENV], os.O_RDWR)
     shared = mmap.mmap(fd, PROBE_SIZE)
-    codes = {"update": UPDATE, "eval": EVAL, "checkpoint": WRITE, "restore": RESTORE}
+    # "collect" (one vector step: acting and stepping the envs) is what the campaign calls "other"
+    codes = {"collect": OTHER, "update": UPDATE, "eval": EVAL, "checkpoint": WRITE, "restore": RESTORE}
 
     class RecordPhases(Callback):
         def __init__(self):
