@@ -2,7 +2,7 @@
 # Mutation testing of the core modules with mutmut (hours on a laptop: not run in CI).
 #
 # Usage: scripts/mutation.sh [module ...]
-#   modules: buffer sac jacobian evaluation checkpoint runstate adatask combiners (default: all)
+#   modules: buffer sac jacobian evaluation checkpoint runstate optim adatask combiners (default: all)
 #   e.g.     scripts/mutation.sh buffer checkpoint
 # Environment: MTRL_VENV  virtual environment to use (default ./.venv, created by scripts/install.sh)
 #              JOBS       mutants tested in parallel (default: number of CPUs)

@@ -156,3 +156,93 @@ def test_a_plain_step_says_which_method_to_call():
     with pytest.raises(RuntimeError) as err:
         AdaTask(_params(), num_tasks=2).step()
     assert str(err.value) == "AdaTask needs the per-task gradients: call step_tasks(task_grads)"
+
+
+# ----- AdaTask inside mtrl.optim: clipping the rows, and its refusals ---------------------------------
+def _adatask_optimization(grad_clip_norm=None, task_params=False) -> tuple:
+    from mtrl.optim import NetworkParameters, Optimization
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    task = {"head": torch.nn.Parameter(torch.zeros(2, 1))} if task_params else {}
+    params = NetworkParameters({"w": w}, task)
+    return Optimization({"critic": params}, "adatask", {"critic": 0.1}, 2, grad_clip_norm), w
+
+
+def test_clipping_scales_the_rows_adatask_steps_on_by_the_factor_of_the_mean_gradient():
+    optimization, w = _adatask_optimization(grad_clip_norm=0.5)
+    rows = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # their mean (the .grad) has norm 2
+    w.grad = rows.mean(0)
+    factor = 0.5 / (2.0 + 1e-6)
+    torch.testing.assert_close(optimization.clip("critic", rows), rows * factor)
+    torch.testing.assert_close(w.grad, rows.mean(0) * factor)
+    w.grad = rows.mean(0) * 0.1  # norm 0.2, under the bound: nothing changes
+    torch.testing.assert_close(optimization.clip("critic", rows * 0.1), rows * 0.1)
+    tiny, _ = _adatask_optimization(grad_clip_norm=1e-6)  # where the 1e-6 in the divisor matters
+    tiny_w = tiny["critic"].params.shared["w"]
+    tiny_w.grad = rows.mean(0) * 1e-6  # norm 2e-6: factor 1e-6 / 3e-6
+    torch.testing.assert_close(tiny.clip("critic", rows * 1e-6), rows * 1e-6 / 3, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adatask"])
+def test_each_optimizer_steps_with_its_own_learning_rate(optimizer):
+    """Adam's and AdaTask's first step moves each weight by about its learning rate (m/sqrt(v) = sign(g))."""
+    from mtrl.optim import NetworkParameters, Optimization
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    head = torch.nn.Parameter(torch.zeros(2, 1))
+    optimization = Optimization({"critic": NetworkParameters({"w": w}, {"head": head})}, optimizer, {"critic": 0.05}, 2)
+    rows = torch.tensor([[1.0, -2.0, 3.0], [1.0, -2.0, 3.0]])
+    w.grad, head.grad = rows.mean(0), torch.ones(2, 1)
+    optimization.step("critic", rows)
+    scale = 2 if optimizer == "adatask" else 1  # AdaTask sums the tasks' adaptive steps
+    torch.testing.assert_close(w.detach(), -0.05 * scale * torch.tensor([1.0, -1.0, 1.0]), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(head.detach(), torch.full((2, 1), -0.05), rtol=1e-4, atol=0.0)
+
+
+def test_a_first_step_on_a_subset_of_tasks_leaves_the_others_and_their_fresh_moments_at_zero():
+    from mtrl.optim import NetworkParameters, Optimization
+
+    head = torch.nn.Parameter(torch.zeros(3, 2))
+    optimization = Optimization({"actor": NetworkParameters({}, {"head": head})}, "adam", {"actor": 0.1}, 3)
+    head.grad = torch.ones(3, 2)
+    optimization.step("actor", None, drawn=torch.tensor([1]))  # no optimizer state exists yet
+    assert torch.equal(head.detach()[[0, 2]], torch.zeros(2, 2))
+    assert (head.detach()[1] < 0).all()
+    state = optimization["actor"].task_optimizer.state[head]
+    assert torch.equal(state["exp_avg"][[0, 2]], torch.zeros(2, 2)) and (state["exp_avg"][1] > 0).all()
+
+
+def test_a_network_without_a_learning_rate_is_refused():
+    from mtrl.optim import NetworkParameters, Optimization
+
+    params = NetworkParameters({"w": torch.nn.Parameter(torch.zeros(1))}, {})
+    with pytest.raises(ValueError, match=r"^no learning rate for network\(s\) \['critic'\]$"):
+        Optimization({"critic": params}, "adam", {"actor": 0.1}, 2)
+
+
+def test_adatask_refuses_what_it_cannot_step_on():
+    from mtrl.optim import AdaTaskOptimizer, NetworkParameters
+
+    with pytest.raises(ValueError, match=r"^AdaTask needs shared parameters; a network without them steps with Adam$"):
+        AdaTaskOptimizer(NetworkParameters({}, {"head": torch.nn.Parameter(torch.zeros(2, 1))}), 0.1, 2)
+    optimization, w = _adatask_optimization()
+    w.grad = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"^AdaTask steps on the per-task gradient matrix; none was given$"):
+        optimization.step("critic", None)
+
+
+@pytest.mark.parametrize("task_params", [False, True])
+def test_adatask_state_must_hold_exactly_its_parts(task_params):
+    optimization, _ = _adatask_optimization(task_params=task_params)
+    state = optimization.state_dict()
+    assert sorted(state["critic"]) == (["adam", "adatask"] if task_params else ["adatask"])
+    optimization.load_state_dict(state)
+    wrong = (
+        {"critic": {k: v for k, v in state["critic"].items() if k != "adam"}}
+        if task_params
+        else {
+            "critic": {**state["critic"], "adam": torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]).state_dict()}
+        }
+    )
+    with pytest.raises(ValueError, match="optimizer state holds"):
+        optimization.load_state_dict(wrong)
