@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mtrl.callbacks import Callback
 from mtrl.config import ConfigError
 
@@ -116,7 +118,7 @@ def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "build_s": round(build_s, 2),
                     "hidden": list(cfg.agent.hidden_sizes),
                     "batch_per_task": cfg.train.batch_per_task,
-                    "torch_threads": cfg.train.torch_threads,
+                    "torch_threads": torch.get_num_threads(),  # as build() set them
                 }
                 if not overlap:
                     serial = {"collect_ms": collect_ms, "update_ms": update_ms}
