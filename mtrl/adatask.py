@@ -37,8 +37,13 @@ class AdaTask(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     @torch.no_grad()
-    def step_tasks(self, task_grads: torch.Tensor) -> None:
-        """One step from `task_grads` [K, n]: row k is task k's gradient of all params, flattened in order."""
+    def step_tasks(self, task_grads: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """One step from `task_grads` [K, n]: row k is task k's gradient of all params, flattened in order.
+
+        With `where` (a 0-d bool tensor), the step is taken only where it holds: the parameters, the
+        moments and the step count are written through `torch.where`, so nothing reads the flag on the
+        host (the compiled update's path; state made first by `prepare_state`).
+        """
         params = self._params()
         n = sum(p.numel() for p in params)
         k = self.defaults["num_tasks"]
@@ -52,17 +57,39 @@ class AdaTask(torch.optim.Optimizer):
                 offset += p.numel()
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["exp_avg"] = torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
-                state["step"] += 1
-                t = state["step"].item()
+                    self._new_state(p, state, step_device=torch.device("cpu"))
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = m / (1 - beta1**t)
-                v_hat = v / (1 - beta2**t)
-                p.sub_(group["lr"] * (m_hat / (v_hat.sqrt() + group["eps"])).sum(0))
+                new_m = m.lerp(grad, 1 - beta1)
+                new_v = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if where is None:
+                    state["step"] += 1
+                    t = state["step"].item()
+                else:
+                    state["step"].add_(where.to(state["step"].dtype))
+                    t = state["step"]
+                m_hat = new_m / (1 - beta1**t)
+                v_hat = new_v / (1 - beta2**t)
+                new_p = p - group["lr"] * (m_hat / (v_hat.sqrt() + group["eps"])).sum(0)
+                if where is None:
+                    m.copy_(new_m), v.copy_(new_v), p.copy_(new_p)
+                else:
+                    m.copy_(torch.where(where, new_m, m))
+                    v.copy_(torch.where(where, new_v, v))
+                    p.copy_(torch.where(where, new_p, p))
+
+    def prepare_state(self) -> None:
+        """Create the state of every parameter now, the step count on the parameter's device (see `step_tasks`)."""
+        for p in self._params():
+            state = self.state[p]
+            if not state:
+                self._new_state(p, state, step_device=p.device)
+            state["step"] = state["step"].to(p.device)
+
+    def _new_state(self, p: torch.nn.Parameter, state: dict, step_device: torch.device) -> None:
+        k = self.defaults["num_tasks"]
+        state["step"] = torch.zeros((), dtype=torch.float64, device=step_device)
+        state["exp_avg"] = torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
 
     def step(self, closure=None):
         raise RuntimeError("AdaTask needs the per-task gradients: call step_tasks(task_grads)")

@@ -3,7 +3,9 @@
 For each device and K, every combiner runs the same full update (critic + actor + temperature)
 on the same synthetic stratified batch. Alongside, the critic's per-task Jacobian and a plain
 mean-loss backward of the same critic loss are timed, which is the ratio the one-pass Jacobian is
-judged by. Medians over `--repeats` after warm-up; CUDA timings are synchronised.
+judged by. Medians over `--repeats` after warm-up; CUDA timings are synchronised. `--compile`
+times the update compiled with each listed `torch.compile` mode (`train.compile`) as well; the
+first calls, which compile (and record CUDA graphs), are warm-up and not timed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -22,7 +25,7 @@ from mtrl.combiners import COMBINERS, make_combiner
 from mtrl.config import AgentConfig, ConfigError
 from mtrl.jacobian import mean_backward, task_jacobian
 from mtrl.optim import Optimization
-from mtrl.sac import MTSAC, SACUpdate
+from mtrl.sac import COMPILE_MODES, MTSAC, SACUpdate
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
 
@@ -57,7 +60,7 @@ def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generato
     return Batch(obs, action, randn(k, b), next_obs, zeros, zeros)
 
 
-def _update(k: int, hidden: list[int], name: str, device: torch.device) -> SACUpdate:
+def _update(k: int, hidden: list[int], name: str, device: torch.device, compile: str = "off") -> SACUpdate:
     """The full update the trainer runs with combiner (or optimizer) `name`, on freshly initialised networks."""
     optimizer = "adatask" if name == "adatask" else "adam"
     combiner = make_combiner("mean" if name == "adatask" else name)
@@ -65,11 +68,17 @@ def _update(k: int, hidden: list[int], name: str, device: torch.device) -> SACUp
         torch.manual_seed(0)
         agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=hidden)).to(device)
     optimization = Optimization(agent.params, optimizer, agent.learning_rates, k)
-    return SACUpdate(agent, optimization, combiner, ["critic", "actor"])
+    return SACUpdate(agent, optimization, combiner, ["critic", "actor"], compile=compile)
 
 
 def bench_update(
-    combiners: list[str], tasks: list[int], devices: list[torch.device], b: int, hidden: list[int], repeats: int
+    combiners: list[str],
+    tasks: list[int],
+    devices: list[torch.device],
+    b: int,
+    hidden: list[int],
+    repeats: int,
+    compile_modes: tuple[str, ...] = ("off",),
 ) -> list[dict]:
     records = []
     for device in devices:
@@ -83,10 +92,10 @@ def bench_update(
             jacobian_ms = median_ms(lambda o=objective: task_jacobian(o), device, repeats)
             mean_backward_ms = median_ms(lambda o=objective: mean_backward(o), device, repeats)
 
-            mean_update_ms = None
-            for name in combiners:
-                update = _update(k, hidden, name, device)
-                update_ms = median_ms(lambda u=update, x=batch, g=gen, c=cpu_gen: u(x, g, c), device, repeats)
+            for mode, name in ((mode, name) for mode in compile_modes for name in combiners):
+                update = _update(k, hidden, name, device, mode)
+                warmup = 2 if mode == "off" else 4  # compiling, then recording the graphs
+                update_ms = median_ms(partial(update, batch, gen, cpu_gen), device, repeats, warmup)
                 if name == "mean":
                     mean_update_ms = update_ms
                 records.append(
@@ -94,6 +103,7 @@ def bench_update(
                         "combiner": name,
                         "K": k,
                         "device": str(device),
+                        "compile": mode,
                         "update_ms": round(update_ms, 3),
                         "ratio_to_mean": None if mean_update_ms is None else round(update_ms / mean_update_ms, 3),
                         "jacobian_ms": round(jacobian_ms, 3),
@@ -121,17 +131,22 @@ def run_update_bench(args: argparse.Namespace) -> int:
     set_cpu_threads(args.threads)
     tasks = [int(k) for k in args.tasks.split(",")]
     hidden = [int(h) for h in args.hidden.split(",")]
-    records = bench_update(names, tasks, devices, args.batch_per_task, hidden, args.repeats)
+    modes = tuple(m.strip() for m in args.compile.split(","))
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        raise ConfigError(f"unknown compile mode(s) {unknown}; choose from: {', '.join(COMPILE_MODES)}")
+    records = bench_update(names, tasks, devices, args.batch_per_task, hidden, args.repeats, modes)
     if args.json:
         print(json.dumps(records, indent=1))
     else:
         header = (
-            f"{'combiner':<11} {'K':>3} {'device':<6} {'update_ms':>10} {'x mean':>7} {'jac_ms':>8} {'mean_bw_ms':>10}"
+            f"{'combiner':<11} {'K':>3} {'device':<6} {'compile':<15} {'update_ms':>10} {'x mean':>7} {'jac_ms':>8} "
+            f"{'mean_bw_ms':>10}"
         )
         print(header)
         for r in records:
             print(
-                f"{r['combiner']:<11} {r['K']:>3} {r['device']:<6} {r['update_ms']:>10.2f} {r['ratio_to_mean']:>7.2f} "
-                f"{r['jacobian_ms']:>8.2f} {r['mean_backward_ms']:>10.2f}"
+                f"{r['combiner']:<11} {r['K']:>3} {r['device']:<6} {r['compile']:<15} {r['update_ms']:>10.2f} "
+                f"{r['ratio_to_mean']:>7.2f} {r['jacobian_ms']:>8.2f} {r['mean_backward_ms']:>10.2f}"
             )
     return 0

@@ -107,7 +107,9 @@ def build(cfg: Config, envs: EnvBackend | None = None) -> Parts:
     optimization = Optimization(
         agent.params, cfg.optimizer.name, agent.learning_rates, len(tasks), cfg.train.grad_clip_norm
     )
-    update = SACUpdate(agent, optimization, combiner, cfg.combiner.networks, cfg.train.q_target_clip)
+    update = SACUpdate(
+        agent, optimization, combiner, cfg.combiner.networks, cfg.train.q_target_clip, compile=cfg.train.compile
+    )
     rng_device = device if cfg.train.rng_device == "auto" else torch.device(cfg.train.rng_device)
     per_task = max(1, cfg.train.buffer_capacity // len(tasks))
     buffer_device = _buffer_device(cfg.train.buffer_device, device, len(tasks), per_task, obs_dim, act_dim)

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--hidden", default="400,400,400", help="hidden widths (default 400,400,400)")
     upd.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
+    upd.add_argument(
+        "--compile",
+        default="off",
+        help="comma-separated torch.compile modes of the whole update: off, default, reduce-overhead (default off)",
+    )
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
     from mtrl import bench_env, bench_train
 

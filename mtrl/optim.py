@@ -13,6 +13,12 @@ one `NetworkOptimizer`:
 Tasks that took no part in an update (a sampling combiner drew others) must not move: their
 task-specific slices and optimizer moments are put back after the step, since a zero gradient would
 still move them through Adam's momentum (docs/mtsac.md, "How the combiners plug in").
+
+`step_where` is the same step decided on the device, for the compiled update (`train.compile`): it
+takes the finiteness flag as a tensor and writes every parameter and moment through `torch.where`,
+so a step that must not happen leaves them as they were without the host ever reading the flag.
+Its Adam is the same arithmetic as `torch.optim.Adam`'s, on that optimizer's own state (equal to
+float rounding: the bias corrections are tensors here, Python floats there).
 """
 
 from __future__ import annotations
@@ -69,11 +75,23 @@ class NetworkOptimizer(ABC):
         self._step(task_gradients)
         _put_back(kept)
 
+    def step_where(self, task_gradients: Tensor | None, drawn: Tensor | None, finite: Tensor) -> None:
+        """`step`, taken only where `finite` (a 0-d bool tensor) holds, with no host synchronisation."""
+        rows = None
+        if self.params.task:
+            k = next(iter(self.params.task.values())).shape[0]
+            rows = finite.expand(k) if drawn is None else finite & _drawn_mask(k, drawn)
+        self._step_where(task_gradients, finite, rows)
+
+    @abstractmethod
+    def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
+        """Step shared parameters where `finite`, task-specific slice k where `rows[k]`."""
+
     def _slices_of_undrawn(self, drawn: Tensor) -> list[_Slices]:
         optimizer = self.task_optimizer
         out = []
         for p in self.params.task.values():
-            undrawn = torch.ones(p.shape[0], dtype=torch.bool, device=p.device).index_fill_(0, drawn, False)
+            undrawn = ~_drawn_mask(p.shape[0], drawn)
             moments = {key: v.clone() for key, v in optimizer.state.get(p, {}).items() if _is_moment(v, p)}
             out.append(_Slices(optimizer, p, undrawn, p.detach().clone(), moments))
         return out
@@ -90,6 +108,9 @@ class AdamOptimizer(NetworkOptimizer):
 
     def _step(self, task_gradients: Tensor | None) -> None:
         self.adam.step()
+
+    def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
+        adam_step_where(self.adam, self.params, finite, rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"adam": self.adam.state_dict()}
@@ -121,6 +142,13 @@ class AdaTaskOptimizer(NetworkOptimizer):
         self.adatask.step_tasks(task_gradients)
         if self.adam is not None:
             self.adam.step()
+
+    def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
+        if task_gradients is None:
+            raise ValueError("AdaTask steps on the per-task gradient matrix; none was given")
+        self.adatask.step_tasks(task_gradients, where=finite)
+        if self.adam is not None:
+            adam_step_where(self.adam, self.params._replace(shared={}), finite, rows)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"adatask": self.adatask.state_dict()}
@@ -185,6 +213,10 @@ class Optimization:
         """Step `network` from its (clipped) `.grad` and G; tasks not in `drawn` keep their slices."""
         self.networks[network].step(task_gradients, drawn)
 
+    def step_where(self, network: str, task_gradients: Tensor | None, drawn: Tensor | None, finite: Tensor) -> None:
+        """`step`, taken only where `finite` (a 0-d bool tensor on the device) holds."""
+        self.networks[network].step_where(task_gradients, drawn, finite)
+
     def state_dict(self) -> dict[str, dict[str, Any]]:
         return {name: optimizer.state_dict() for name, optimizer in self.networks.items()}
 
@@ -193,6 +225,33 @@ class Optimization:
         for name, optimizer in self.networks.items():
             optimizer.load_state_dict(state[name])
 
+    def prepare_device_steps(self) -> None:
+        """Create every optimizer's state now, each tensor on its parameter's device, for `step_where`.
+
+        A compiled update must not create state lazily inside the graph, and a step count on the host
+        would be read back at every step.
+        """
+        for optimizer in self.optimizers():
+            if isinstance(optimizer, AdaTask):
+                optimizer.prepare_state()
+            else:
+                _prepare_adam(optimizer)
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor of the optimizers' state (what a CUDA graph must treat as fixed memory)."""
+        states = [state for optimizer in self.optimizers() for state in optimizer.state.values()]
+        return [value for state in states for value in state.values() if torch.is_tensor(value)]
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every `torch.optim.Optimizer` the networks step with."""
+        out = []
+        for optimizer in self.networks.values():
+            if isinstance(optimizer, AdaTaskOptimizer):
+                out.append(optimizer.adatask)
+            if optimizer.task_optimizer is not None:
+                out.append(optimizer.task_optimizer)
+        return out
+
 
 class _Slices(NamedTuple):
     optimizer: torch.optim.Optimizer
@@ -200,6 +259,56 @@ class _Slices(NamedTuple):
     undrawn: Tensor  # [K] bool
     value: Tensor  # the parameter before the step
     moments: dict[str, Tensor]  # its moments before the step (absent: the step creates them)
+
+
+def _drawn_mask(k: int, drawn: Tensor) -> Tensor:
+    """[k] bool: whether each task is among `drawn` (indices)."""
+    return torch.zeros(k, dtype=torch.bool, device=drawn.device).index_fill_(0, drawn, True)
+
+
+def _prepare_adam(adam: torch.optim.Optimizer | None) -> None:
+    """Adam's state as `torch.optim.Adam` creates it at its first step, with the step count on the device."""
+    if adam is None:
+        return
+    for p in (p for group in adam.param_groups for p in group["params"]):
+        state = adam.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = state["step"].to(p.device)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of `torch.optim`'s step counts."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def adam_step_where(
+    adam: torch.optim.Optimizer, params: NetworkParameters, finite: Tensor, rows: Tensor | None
+) -> None:
+    """One step of `adam` (no weight decay, no amsgrad) on `params`: shared ones where `finite`,
+    task-specific slice k where `rows[k]`; nothing else moves. State made by `_prepare_adam`."""
+    (group,) = adam.param_groups
+    beta1, beta2 = group["betas"]
+    gates = [(p, finite) for p in params.shared.values()]
+    if rows is not None:
+        gates += [(p, rows.view(-1, *(1,) * (p.dim() - 1))) for p in params.task.values()]
+    for p, gate in gates:
+        if p.grad is None:  # as torch.optim.Adam: a parameter without a gradient is not stepped
+            continue
+        state, grad = adam.state[p], p.grad
+        state["step"].add_(finite.to(state["step"].dtype))
+        t = state["step"].to(torch.float64)
+        step_size = (group["lr"] / (1 - beta1**t)).to(p.dtype)
+        bias_correction2_sqrt = (1 - beta2**t).sqrt().to(p.dtype)
+        m = state["exp_avg"].lerp(grad, 1 - beta1)
+        v = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        new = p - step_size * m / (v.sqrt() / bias_correction2_sqrt + group["eps"])
+        p.copy_(torch.where(gate, new, p))
+        state["exp_avg"].copy_(torch.where(gate, m, state["exp_avg"]))
+        state["exp_avg_sq"].copy_(torch.where(gate, v, state["exp_avg_sq"]))
 
 
 def _is_moment(value: object, p: nn.Parameter) -> bool:

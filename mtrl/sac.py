@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from mtrl.buffer import Batch
 from mtrl.combiners import Combiner
+from mtrl.combiners.base import move
 from mtrl.combiners.diagnostics import gradient_diagnostics
 from mtrl.config import AgentConfig
 from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian, write_shared_grad, write_task_grads
@@ -33,6 +34,7 @@ from mtrl.networks import Actor, TwinCritic, squashed_sample, task_parameter_nam
 from mtrl.optim import NetworkParameters, Optimization
 
 NETWORKS = ("critic", "actor", "alpha")
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 def split_parameters(module: nn.Module) -> NetworkParameters:
@@ -68,6 +70,13 @@ def soft_bellman_target(
 def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 − τ) target + τ source, parameter by parameter."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+@torch.no_grad()
+def polyak_update_where(target: nn.Module, source: nn.Module, tau: float, where: Tensor) -> None:
+    """`polyak_update` taken only where `where` (a 0-d bool tensor) holds, decided on the device."""
+    for t, p in zip(target.parameters(), source.parameters(), strict=True):
+        t.copy_(torch.where(where, t.lerp(p, tau), t))
 
 
 def policy_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
@@ -196,7 +205,7 @@ def network_gradients(
     objective: TaskObjective,
     combiner: Combiner | None,
     tasks: Tensor | None,
-    generator: torch.Generator | None,
+    draws: Tensor | None,
     per_task: bool,
 ) -> NetworkGradients:
     """Write `.grad` of one network from its K per-task losses.
@@ -212,7 +221,7 @@ def network_gradients(
         return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
     grads = task_jacobian(objective, tasks)
     write_task_grads(objective.task, grads.task, tasks)
-    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, generator=generator)
+    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, draws=draws)
     write_shared_grad(objective.shared, update)
     losses, aux = grads.losses, grads.aux
     finite = torch.isfinite(losses).all()
@@ -269,11 +278,17 @@ class SACUpdate:
     `combined` names the networks whose shared parameters go through `combiner` (the others get
     the plain mean); a task-wise optimizer (AdaTask) replaces the combiner. `q_target_clip` clamps
     the Bellman targets. `generator` draws the policy noise; `combiner_generator` (on the CPU) draws
-    a sampling combiner's tasks and any randomness of the combiner itself.
+    a sampling combiner's tasks and any randomness of the combiner itself (`draw_combiner`), all
+    before the first gradient.
 
     Between the sampled batch and the finiteness read, the update (`gradients`) is a function of
     tensors with no host synchronisation and, except for a sampling combiner's subset (SDMGrad-OS,
     drawn on the CPU before anything else), fixed shapes.
+
+    `compile` ("off", "default", "reduce-overhead") runs the whole update, steps included, as one
+    function of tensors (`apply`) under `torch.compile` with that mode: the finiteness decision is
+    then applied on the device (`Optimization.step_where`), and "reduce-overhead" replays it as CUDA
+    graphs on a GPU. The host reads the flag once, after the update. "off" is the eager update.
     """
 
     def __init__(
@@ -284,10 +299,15 @@ class SACUpdate:
         combined: Iterable[str] = ("critic", "actor"),
         q_target_clip: float | None = None,
         hooks: Sequence[UpdateHook] = (),
+        compile: str = "off",
     ):
         unknown = sorted(set(combined) - set(NETWORKS))
         if unknown:
             raise ValueError(f"unknown network(s) {unknown} to combine; choose from: {', '.join(NETWORKS)}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile!r}; choose from: {', '.join(COMPILE_MODES)}")
+        self.compile = compile
+        self._compiled = None if compile == "off" else torch.compile(self.apply, mode=compile, dynamic=False)
         self.agent, self.optimization, self.combiner = agent, optimization, combiner
         self.q_target_clip = q_target_clip
         self.hooks = list(hooks)
@@ -312,12 +332,48 @@ class SACUpdate:
         next_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         tasks = self.draw_tasks(k, combiner_generator, device)
         actor_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
-        gradients = self.gradients(batch, next_noise, actor_noise, tasks, combiner_generator, diagnostics)
+        draws = self.draw_combiner(k if tasks is None else tasks.numel(), combiner_generator, device)
+        if self._compiled is not None:
+            self.optimization.prepare_device_steps()
+            if self.compile == "reduce-overhead":
+                for state in self.optimization.state_tensors():  # updated in place by every replay
+                    torch._dynamo.mark_static_address(state)
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
+            finite, metrics = self._compiled(batch, next_noise, actor_noise, tasks, draws, diagnostics)
+            # copies: a CUDA graph's outputs are overwritten by its next replay, metrics are read later
+            return UpdateResult(bool(finite), {key: value.clone() for key, value in metrics.items()})
+        gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
         finite = bool(gradients.finite)  # the update's one host synchronisation
         if finite:
             self.step(gradients)
         self.agent.zero_grad(set_to_none=True)
         return UpdateResult(finite, gradients.metrics)
+
+    def apply(
+        self,
+        batch: Batch,
+        next_noise: Tensor,
+        actor_noise: Tensor,
+        tasks: Tensor | None,
+        draws: dict[str, Tensor | None] | None = None,
+        diagnostics: bool = False,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The whole update as a function of tensors, with no host synchronisation: gradients, then
+        every step and the target critics' move taken on the device only if everything is finite.
+
+        Returns the finiteness flag (0-d bool) and the metrics. The optimizers' state must exist
+        (`Optimization.prepare_device_steps`). Same arithmetic as `gradients` + `step`.
+        """
+        gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
+        finite = gradients.finite
+        for net, grads, drawn in self._steps(gradients):
+            task_gradients = self.optimization.clip(net, grads.matrix)
+            for hook in self.hooks:
+                hook.on_step(net, self.agent.params[net].all())
+            self.optimization.step_where(net, task_gradients, drawn, finite)
+        polyak_update_where(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau, finite)
+        self.agent.zero_grad(set_to_none=True)
+        return finite, gradients.metrics
 
     def draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
         """The tasks this update's combined losses use (None: all of them), drawn before any gradient."""
@@ -326,26 +382,40 @@ class SACUpdate:
         tasks = self.combiner.select_tasks(k, generator)
         return None if tasks.numel() == k else tasks.to(device)
 
+    def draw_combiner(
+        self, num_rows: int, generator: torch.Generator, device: torch.device
+    ) -> dict[str, Tensor | None]:
+        """Each combined network's combiner randomness for `num_rows` drawn tasks, in the order the
+        networks use it, moved to `device` (asynchronously from the CPU)."""
+        draws = {}
+        for net, combiner in self.combiners.items():
+            if combiner is not None:
+                drawn = combiner.draw(num_rows, generator)
+                draws[net] = None if drawn is None else move(drawn, device)
+        return draws
+
     def gradients(
         self,
         batch: Batch,
         next_noise: Tensor,
         actor_noise: Tensor,
         tasks: Tensor | None,
-        combiner_generator: torch.Generator | None = None,
+        draws: dict[str, Tensor | None] | None = None,
         diagnostics: bool = False,
     ) -> UpdateGradients:
         """Targets, then the critic's, the actor's and the temperature's `.grad`, the metrics, and
-        whether everything is finite. All losses see the parameters from before this update."""
+        whether everything is finite. All losses see the parameters from before this update.
+        `draws`: each network's combiner randomness (`draw_combiner`); None: its combiner draws none."""
+        draws = draws or {}
         agent = self.agent
         target = agent.bellman_target(batch, next_noise, self.q_target_clip)
         for hook in self.hooks:
             hook.on_target(target)
         critic = self._network_gradients(
-            "critic", agent.critic_objective(batch, target), tasks, combiner_generator, diagnostics
+            "critic", agent.critic_objective(batch, target), tasks, draws.get("critic"), diagnostics
         )
         actor = self._network_gradients(
-            "actor", agent.actor_objective(batch, actor_noise), tasks, combiner_generator, diagnostics
+            "actor", agent.actor_objective(batch, actor_noise), tasks, draws.get("actor"), diagnostics
         )
         # A task whose actor loss was not drawn has no log-prob this update: the target entropy's
         # value gives its temperature a zero gradient, and the step leaves it untouched anyway.
@@ -355,7 +425,7 @@ class SACUpdate:
                 0, actor.drawn, actor.aux.index_select(0, actor.drawn)
             )
         alpha = self._network_gradients(
-            "alpha", agent.alpha_objective(mean_logp), tasks, combiner_generator, diagnostics
+            "alpha", agent.alpha_objective(mean_logp), tasks, draws.get("alpha"), diagnostics
         )
 
         finite = torch.stack([critic.finite, actor.finite, alpha.finite]).all() & all_finite(
@@ -380,12 +450,12 @@ class SACUpdate:
         net: str,
         objective: TaskObjective,
         tasks: Tensor | None,
-        generator: torch.Generator | None,
+        draws: Tensor | None,
         diagnostics: bool,
     ) -> NetworkGradients:
         combiner = self.combiners[net]
         per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.combined)
-        grads = network_gradients(objective, combiner, None if combiner is None else tasks, generator, per_task)
+        grads = network_gradients(objective, combiner, None if combiner is None else tasks, draws, per_task)
         for hook in self.hooks:
             hook.on_gradients(net, objective.parameters())
         return grads
@@ -396,10 +466,18 @@ class SACUpdate:
         Tasks that took no part in a network's losses keep its task-specific slices and their
         optimizer moments; a task's temperature follows its actor loss.
         """
-        drawn = {"critic": gradients.critic.drawn, "actor": gradients.actor.drawn, "alpha": gradients.actor.drawn}
-        for net, grads in (("critic", gradients.critic), ("actor", gradients.actor), ("alpha", gradients.alpha)):
+        for net, grads, drawn in self._steps(gradients):
             task_gradients = self.optimization.clip(net, grads.matrix)
             for hook in self.hooks:
                 hook.on_step(net, self.agent.params[net].all())
-            self.optimization.step(net, task_gradients, drawn[net])
+            self.optimization.step(net, task_gradients, drawn)
         polyak_update(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau)
+
+    @staticmethod
+    def _steps(gradients: UpdateGradients) -> list[tuple[str, NetworkGradients, Tensor | None]]:
+        """Each network's gradients and the tasks its step may move; a task's temperature follows its actor loss."""
+        return [
+            ("critic", gradients.critic, gradients.critic.drawn),
+            ("actor", gradients.actor, gradients.actor.drawn),
+            ("alpha", gradients.alpha, gradients.actor.drawn),
+        ]

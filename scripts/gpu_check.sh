@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared run for a machine with an NVIDIA GPU, under 8 minutes in all (each step
-# has its own time limit; together they stay under 8.5 minutes even if every step hits its limit).
+# has its own time limit; together they stay under 8 minutes even if every step hits its limit).
 #
-# Runs the `gpu`-marked tests, `mtrl bench update`, `mtrl bench train` on MT10 and MT50 (mean and
+# Runs the `gpu`-marked tests (those of the compiled update apart), `mtrl bench update` eager and
+# compiled as CUDA graphs (`--compile reduce-overhead`), `mtrl bench train` on MT10 and MT50 (mean and
 # cagrad, serial and overlapped), `mtrl bench env` on MT10, and a short MT10 training run on the GPU.
 # Every record goes to ${OUT:-gpu_check_out}/ as JSON (summary.json lists each step's exit code and
 # seconds). CI never runs it: CI has no GPU.
@@ -35,9 +36,11 @@ if [ "$DEVICE" = cuda ]; then
         || { echo "gpu_check: torch sees no CUDA device; set GPU_CHECK_DEVICE=cpu for a CPU rehearsal" >&2; exit 2; }
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
     STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=3000; TRAIN_WARMUP=500; ENV_STEPS=500; ENV_REPEATS=3; SIZES=()
-else  # a rehearsal: the same steps, sizes that finish in seconds on a CPU
+    COMPILE=off,reduce-overhead; UPDATE_SIZES=()
+else  # a rehearsal: the same steps, sizes that finish in seconds on a CPU (the compiled update traced, not built)
     STEPS=4; MT50_STEPS=4; TASKS=2; TRAIN_STEPS=60; TRAIN_WARMUP=30; ENV_STEPS=30; ENV_REPEATS=1
     SIZES=(--set agent.hidden_sizes=[16,16] --set train.batch_per_task=4)
+    COMPILE=off; UPDATE_SIZES=(--hidden 16,16 --batch-per-task 4)
 fi
 "$PY" - > "$OUT/versions.json" <<'EOF'
 import json, platform, torch
@@ -56,17 +59,22 @@ step() {  # step NAME TIMEOUT_S OUTFILE COMMAND...: run, keep stdout in OUTFILE,
 }
 
 if [ "$DEVICE" = cuda ]; then
-    step gpu_tests 90 gpu_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml"
+    step gpu_tests 60 gpu_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py -k "not captured" \
+        --junitxml "$OUT/gpu_tests.xml"
+    step gpu_compile_tests 80 gpu_compile_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py -k captured \
+        --junitxml "$OUT/gpu_compile_tests.xml"
 fi
-step bench_update 45 bench_update.json "$PY" -m mtrl bench update --json --combiners mean,cagrad --tasks "$TASKS" \
+step bench_update 35 bench_update.json "$PY" -m mtrl bench update --json --combiners mean,cagrad --tasks "$TASKS" \
     --devices "$DEVICE" --repeats 5
-step bench_train_mt10 90 bench_train_mt10.json "$PY" -m mtrl bench train --json --benchmark MT10 \
+step bench_update_compiled 80 bench_update_compiled.json "$PY" -m mtrl bench update --json --combiners mean,cagrad \
+    --tasks "${TASKS%%,*}" --devices "$DEVICE" --repeats 20 --compile "$COMPILE" "${UPDATE_SIZES[@]}"
+step bench_train_mt10 70 bench_train_mt10.json "$PY" -m mtrl bench train --json --benchmark MT10 \
     --combiner mean,cagrad --device "$DEVICE" --steps "$STEPS" --warmup 200 --overlap --strategy pool "${SIZES[@]}"
-step bench_train_mt50 140 bench_train_mt50.json "$PY" -m mtrl bench train --json --benchmark MT50 \
+step bench_train_mt50 75 bench_train_mt50.json "$PY" -m mtrl bench train --json --benchmark MT50 \
     --combiner mean,cagrad --device "$DEVICE" --steps "$MT50_STEPS" --warmup 100 --overlap --strategy pool "${SIZES[@]}"
-step bench_env 75 bench_env.json "$PY" -m mtrl bench env --json --benchmarks MT10 --steps "$ENV_STEPS" \
+step bench_env 40 bench_env.json "$PY" -m mtrl bench env --json --benchmarks MT10 --steps "$ENV_STEPS" \
     --repeats "$ENV_REPEATS" --workers 0,5
-step train_mt10 60 train_mt10.txt "$PY" -m mtrl train --config configs/mt10_mtsac.yaml device="$DEVICE" \
+step train_mt10 40 train_mt10.txt "$PY" -m mtrl train --config configs/mt10_mtsac.yaml device="$DEVICE" \
     run.dir="$OUT/train_mt10" train.total_steps="$TRAIN_STEPS" train.warmup_steps="$TRAIN_WARMUP" train.overlap=true \
     env.vector_strategy=pool eval.every=0 eval.episodes=1 checkpoint.every=0 log.every=500 log.progress=false \
     log.tensorboard=false

@@ -106,6 +106,19 @@ def test_the_state_is_the_last_solution_and_a_warm_start_finds_the_same_point():
     assert torch.equal(state["warm_start"], saved) and not torch.equal(warm.state_dict()["warm_start"], saved)
 
 
+def test_a_non_finite_matrix_leaves_the_warm_start_as_it_was():
+    # The trainer skips an update whose gradients are not finite; the next one must solve as if it
+    # had not been tried (a NaN warm start would make every later solution NaN).
+    first, second = conflicting(6, 30, 8), conflicting(6, 30, 9)
+    combiner, clean = make_combiner("nashmtl"), make_combiner("nashmtl")
+    combiner(first), clean(first)
+    poisoned = first.clone()
+    poisoned[2, 3] = float("nan")
+    assert not torch.isfinite(combiner(poisoned)).all()
+    assert torch.equal(combiner.state_dict()["warm_start"], clean.state_dict()["warm_start"])
+    assert torch.equal(combiner(second), clean(second))
+
+
 def test_a_new_task_count_starts_cold():
     combiner = make_combiner("nashmtl")
     combiner(conflicting(8, 30, 6))

@@ -116,6 +116,20 @@ def test_with_cpu_draws_a_cuda_run_ends_with_the_cpu_runs_weights(variant, tmp_p
     _assert_close_records(_record(gpu_records, "train", TOTAL), _record(cpu_records, "train", TOTAL), rel=1e-3)
 
 
+@pytest.mark.parametrize("variant", ["mean", "adatask"])  # graphs that compile in seconds; cagrad: bench update
+def test_the_update_captured_as_cuda_graphs_ends_with_the_eager_updates_weights(variant, tmp_path):
+    """`train.compile=reduce-overhead`: the whole update, steps and skip decision included, replayed as
+    CUDA graphs, against the eager update on the same GPU with the same draws, after 20 updates."""
+    eager, eager_records = _run(tmp_path / "eager", f"device={CUDA}", *VARIANTS[variant])
+    graphs, graph_records = _run(
+        tmp_path / "graphs", f"device={CUDA}", *VARIANTS[variant], "train.compile=reduce-overhead"
+    )
+    assert graphs.counters.updates == eager.counters.updates == TOTAL - WARMUP + 1
+    for name, p in eager.agent.state_dict().items():
+        torch.testing.assert_close(graphs.agent.state_dict()[name], p, rtol=1e-3, atol=1e-4, msg=name)
+    _assert_close_records(_record(graph_records, "train", TOTAL), _record(eager_records, "train", TOTAL), rel=1e-3)
+
+
 @pytest.mark.parametrize("name", sorted(COMBINERS))
 def test_combiners_compute_on_cuda_what_they_compute_on_the_cpu(name):
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.slow, pytest.mark.metaworld]
+
+def test_the_step_limits_add_up_to_under_8_minutes():  # the default suite: it only reads the script
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    limits = {name: int(limit) for name, limit in re.findall(r"^\s*step (\w+) (\d+) ", script, re.MULTILINE)}
+    assert {"gpu_tests", "gpu_compile_tests", "bench_update_compiled", "train_mt10"} <= set(limits)
+    assert sum(limits.values()) <= 8 * 60, limits
 
 
+@pytest.mark.slow
+@pytest.mark.metaworld
 def test_the_gpu_check_rehearses_on_the_cpu_and_writes_its_records(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_DEVICE": "cpu", "PYTHON": sys.executable}
@@ -29,6 +37,7 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_writes_its_records(tmp_path):
     assert proc.returncode == 0, (summary, proc.stderr[-3000:])
     assert [s["step"] for s in summary] == [
         "bench_update",
+        "bench_update_compiled",
         "bench_train_mt10",
         "bench_train_mt50",
         "bench_env",
@@ -38,6 +47,11 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_writes_its_records(tmp_path):
 
     update = json.loads((out / "bench_update.json").read_text())
     assert {(r["combiner"], r["device"]) for r in update} == {("mean", "cpu"), ("cagrad", "cpu")}
+    compiled = json.loads((out / "bench_update_compiled.json").read_text())
+    assert [(r["combiner"], r["K"], r["compile"], r["hidden"]) for r in compiled] == [
+        ("mean", 2, "off", [16, 16]),
+        ("cagrad", 2, "off", [16, 16]),
+    ]
     for benchmark in ("mt10", "mt50"):
         records = json.loads((out / f"bench_train_{benchmark}.json").read_text())
         assert [(r["combiner"], r["overlap"]) for r in records] == [

@@ -329,45 +329,6 @@ def test_update_metrics_are_the_per_task_quantities_they_name():
         assert weights.shape == (K,) and (weights > 0).all()  # CAGrad's weights are 1/K plus a positive part
 
 
-# ----- the update as a function of tensors ----------------------------------------------------
-def _compiles_whole_and_matches_eager(update: SACUpdate, diagnostics: bool) -> None:
-    """`SACUpdate.gradients` (batch and noise in; `.grad`, metrics and the finiteness flag out) traced
-    by torch.compile with `fullgraph=True`: no graph break, hence no host synchronisation inside."""
-    batch, next_noise, actor_noise = make_batch(), noise(1), noise(2)
-
-    def core(batch: Batch, next_noise: torch.Tensor, actor_noise: torch.Tensor):
-        gradients = update.gradients(batch, next_noise, actor_noise, None, None, diagnostics)
-        return gradients.finite, gradients.metrics
-
-    parameters = {name: p for name, p in update.agent.named_parameters() if p.requires_grad}
-    eager_finite, eager_metrics = core(batch, next_noise, actor_noise)
-    eager_grads = {name: p.grad.clone() for name, p in parameters.items()}
-    update.agent.zero_grad(set_to_none=True)
-    # The "eager" backend runs what Dynamo captured as it is: the test is about capture, not codegen.
-    finite, metrics = torch.compile(core, fullgraph=True, backend="eager")(batch, next_noise, actor_noise)
-    assert bool(finite) and bool(eager_finite)
-    assert metrics.keys() == eager_metrics.keys()
-    if diagnostics:
-        assert "combiner/critic/weights" in metrics
-    for key, value in eager_metrics.items():
-        torch.testing.assert_close(metrics[key], value, rtol=1e-12, atol=1e-15, msg=key)
-    for name, p in parameters.items():
-        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-12, atol=1e-15, msg=name)
-
-
-@pytest.mark.parametrize(
-    "variant,diagnostics",
-    [("conditioned", False), ("multihead", True)],  # one backward of the mean; the Jacobian, combined
-)
-def test_the_update_up_to_its_finiteness_read_compiles_as_one_graph_with_mean(variant, diagnostics):
-    _compiles_whole_and_matches_eager(make_update(variant), diagnostics)
-
-
-@pytest.mark.slow  # tracing takes tens of seconds: the interior-point solve unrolls into the graph
-def test_the_update_up_to_its_finiteness_read_compiles_as_one_graph_with_cagrad_and_diagnostics():
-    _compiles_whole_and_matches_eager(make_update("multihead", "cagrad"), diagnostics=True)
-
-
 def test_policy_noise_comes_from_the_generator_whatever_the_update_device():
     expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
     drawn = policy_noise((2, 3), torch.Generator().manual_seed(5), torch.device("cpu"))

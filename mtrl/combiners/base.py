@@ -63,17 +63,30 @@ class Combiner(ABC):
         self.parameters = parameters
         self.last_weights: Tensor | None = None
 
-    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None) -> Tensor:
+        """d for G = `matrix`. A combiner that draws random numbers takes them from `draws` (made by
+        `draw`) or, without them, draws them now from `generator`."""
         check_matrix(matrix)
         products = gramian(matrix)
+        if draws is None:
+            draws = self.draw(matrix.shape[0], generator)
         with _one_thread(matrix.device):
-            weights = self.weights(products, generator).to(matrix.dtype)
+            weights = self.weights(products, draws).to(matrix.dtype)
         self.last_weights = weights
         return weights @ matrix
 
     @abstractmethod
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         """Task weights w ([K], float64, on the Gramian's device) such that the update is d = Gᵀw."""
+
+    def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor | None:
+        """The random numbers one call on `num_tasks` rows uses, drawn on `generator`'s device
+        (torch's default CPU generator when None); None for a combiner that draws none.
+
+        The update draws them before any gradient, so that what runs on the device afterwards
+        reads no generator (a compiled update cannot).
+        """
+        return None
 
     def select_tasks(self, num_tasks: int, generator: torch.Generator) -> Tensor:
         """Indices of the tasks whose gradients this update needs (drawn before any gradient is computed)."""
@@ -114,6 +127,16 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def move(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`; from the CPU to a GPU through pinned memory, so that the copy is
+    asynchronous (no host synchronisation)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def check_matrix(matrix: Tensor) -> None:

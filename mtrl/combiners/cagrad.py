@@ -51,7 +51,7 @@ class CAGrad(Combiner):
     Parameters = CAGradParameters
     parameters: CAGradParameters
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         size = gramian.shape[0]
         p = self.parameters
         dual, scale = self._exact(gramian) if p.solver == "exact" else self._recipe(gramian)

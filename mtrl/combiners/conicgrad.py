@@ -41,7 +41,7 @@ class ConicGrad(Combiner):
     Parameters = ConicGradParameters
     parameters: ConicGradParameters
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
         c = self.parameters.c

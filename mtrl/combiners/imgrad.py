@@ -49,7 +49,7 @@ class IMGrad(Combiner):
     Parameters = IMGradParameters
     parameters: IMGradParameters
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         p = self.parameters
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]

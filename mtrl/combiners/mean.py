@@ -13,10 +13,10 @@ class Mean(Combiner):
 
     needs_jacobian = False
 
-    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None) -> Tensor:
         check_matrix(matrix)
         self.last_weights = matrix.new_full((matrix.shape[0],), 1.0 / matrix.shape[0])
         return matrix.mean(0)
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         return gramian.new_full((gramian.shape[0],), 1.0 / gramian.shape[0])

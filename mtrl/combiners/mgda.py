@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mtrl.combiners.base import Combiner, normalised
@@ -12,7 +11,7 @@ from mtrl.combiners.simplex import SimplexProgram, minimize_on_simplex
 class MGDA(Combiner):
     """d = g_w*, w* = argmin_{w∈Δ} wᵀAw (docs/combiners.md#mgda)."""
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         return min_norm_weights(normalised(gramian)[0])
 
 

@@ -39,7 +39,7 @@ class NashMTL(Combiner):
         self.last_residual: Tensor | None = None
         self._start: Tensor | None = None
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         size = gramian.shape[0]
         norms = gramian.diagonal().clamp(min=0).sqrt()
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero row stays zero in Ã
@@ -47,9 +47,11 @@ class NashMTL(Combiner):
         start = self._start
         if start is None or start.shape != (size,):
             start = cold_start(cosines)
-        solution = nash_point(cosines, start.to(cosines))
+        start = start.to(cosines)
+        solution = nash_point(cosines, start)
         self.last_residual = (solution * (cosines @ solution) - 1).abs().amax()
-        self._start = solution
+        # A non-finite Gramian (an update the trainer skips) must not poison the next warm start.
+        self._start = torch.where(torch.isfinite(solution).all(), solution, start)
         return solution / norms
 
     def state_dict(self) -> dict[str, Any]:
@@ -84,5 +86,6 @@ def nash_point(cosines: Tensor, start: Tensor) -> Tensor:
         longest = 1 / torch.clamp((-step / beta).amax() / 0.99, min=1.0)
         candidates = beta + (longest * fractions)[:, None] * step
         values = 0.5 * ((candidates @ regularised) * candidates).sum(1) - candidates.log().sum(1)
-        beta = candidates[torch.nan_to_num(values, nan=torch.inf).argmin()]
+        best = torch.nan_to_num(values, nan=torch.inf).argmin()
+        beta = candidates.index_select(0, best.view(1)).squeeze(0)  # no host read of the index
     return beta

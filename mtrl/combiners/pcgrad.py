@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrl.combiners.base import Combiner, normalised
+from mtrl.combiners.base import Combiner, move, normalised
 
 
 class PCGrad(Combiner):
@@ -14,18 +14,20 @@ class PCGrad(Combiner):
     For each i, over the other tasks j in a random order: if g_i'ᵀg_j < 0 then
     g_i' ← g_i' − (g_i'ᵀg_j/‖g_j‖²) g_j, against the original g_j (Yu et al., 2020, Alg. 1).
     Each g_i' is tracked as coefficients on the rows of G, so only A is needed. The orders come from
-    the `generator` passed to the call (torch's default CPU generator when None): a K×K block of
-    uniform keys drawn on the generator's device, task i visiting the others by increasing key.
+    a K×K block of uniform keys (`draw`: from the `generator` passed to the call, torch's default CPU
+    generator when None, on the generator's device), task i visiting the others by increasing key.
     """
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor:
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=torch.float64)
+
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         gramian, _ = normalised(gramian)
         size = gramian.shape[0]
-        device = generator.device if generator is not None else torch.device("cpu")
-        keys = torch.rand(size, size, generator=generator, device=device, dtype=gramian.dtype)
-        if keys.device != gramian.device:
-            # Through pinned memory the copy is asynchronous: no host synchronisation on a GPU.
-            keys = keys.pin_memory().to(gramian.device, non_blocking=True)
+        if draws is None:
+            raise ValueError("PCGrad needs its random keys: call it with a generator, or with `draws` from `draw`")
+        keys = move(draws.to(gramian.dtype), gramian.device).clone()
         keys.fill_diagonal_(2.0)  # sorts each task itself last, out of its own order
         orders = keys.argsort(dim=1)[:, : size - 1]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from mtrl.combiners import mtrl_recipe
@@ -35,7 +34,7 @@ class SDMGrad(Combiner):
     Parameters = SDMGradParameters
     parameters: SDMGradParameters
 
-    def weights(self, gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, gramian: Tensor, draws: Tensor | None = None) -> Tensor:
         size = gramian.shape[0]
         lam = self.parameters.lam
         dual = self._exact(gramian) if self.parameters.solver == "exact" else self._recipe(gramian)

@@ -1,0 +1,161 @@
+"""The update as one function of tensors (`SACUpdate.apply`, what `train.compile` compiles).
+
+`apply` takes every step on the device: the finiteness flag is never read inside it, so a skipped
+update is written through `torch.where`. These tests hold it to the eager update (`SACUpdate.__call__`
+with `compile="off"`), which steps with `torch.optim.Adam` only after reading the flag on the host,
+and check that torch.compile captures it whole (`fullgraph=True`: no graph break, no host read).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtrl.combiners import make_combiner
+from mtrl.config import ConfigError
+from mtrl.sac import SACUpdate, policy_noise
+from tests.conftest import toy_config
+from tests.test_sac import ACT, B, K, make_batch, make_update
+
+
+def _bad_batch(seed: int):
+    batch = make_batch(seed)
+    batch.reward[:, 2] = float("nan")  # in every task: a sampling combiner draws some of them
+    return batch
+
+
+BATCHES = [make_batch(1), make_batch(2), _bad_batch(9), make_batch(3)]
+
+CASES = {
+    "mean": dict(variant="multihead", combiner="mean"),
+    "pcgrad-clipped": dict(variant="conditioned", combiner="pcgrad", grad_clip_norm=0.5),
+    "sdmgrad_os": dict(variant="multihead", combiner="sdmgrad_os"),  # 2 of the 3 tasks per update
+    "adatask-clipped": dict(variant="multihead", combiner="mean", optimizer="adatask", grad_clip_norm=0.5),
+}
+
+
+def _update(case: str, compile: str = "off") -> SACUpdate:
+    spec = dict(CASES[case])
+    if spec["combiner"] == "sdmgrad_os":
+        spec["combiner"] = make_combiner("sdmgrad_os", n=2)
+    update = make_update(**spec)
+    if compile == "off":
+        return update
+    return SACUpdate(update.agent, update.optimization, update.combiner, ["critic", "actor"], compile=compile)
+
+
+def _run_apply(update: SACUpdate, batches, apply=None, diagnostics: bool = False) -> list[bool]:
+    """What `SACUpdate.__call__` does in a compiled run, with `apply` (default: the uncompiled one)."""
+    generator, combiner_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    apply = apply or update.apply
+    flags = []
+    for batch in batches:
+        next_noise = policy_noise((K, B, ACT), generator, batch.obs.device)
+        tasks = update.draw_tasks(K, combiner_generator, batch.obs.device)
+        actor_noise = policy_noise((K, B, ACT), generator, batch.obs.device)
+        draws = update.draw_combiner(K if tasks is None else tasks.numel(), combiner_generator, batch.obs.device)
+        update.optimization.prepare_device_steps()
+        finite, _ = apply(batch, next_noise, actor_noise, tasks, draws, diagnostics)
+        assert torch.is_tensor(finite) and finite.dim() == 0
+        flags.append(bool(finite))
+    return flags
+
+
+def _run_eager(update: SACUpdate, batches) -> list[bool]:
+    generator, combiner_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    return [update(batch, generator, combiner_generator).finite for batch in batches]
+
+
+def _tensors(update: SACUpdate) -> dict[str, torch.Tensor]:
+    """Every weight (targets and temperatures included) and every optimizer state tensor, by name."""
+    out = {f"agent.{name}": t for name, t in update.agent.state_dict().items()}
+    for net, state in update.optimization.state_dict().items():
+        for part, optimizer_state in state.items():
+            for index, values in optimizer_state["state"].items():
+                out.update({f"{net}.{part}.{index}.{key}": v for key, v in values.items() if torch.is_tensor(v)})
+    return out
+
+
+def _assert_same(a: SACUpdate, b: SACUpdate, rtol: float = 1e-12, atol: float = 1e-15) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name, value in ta.items():
+        torch.testing.assert_close(tb[name].to(value.device, value.dtype), value, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_apply_steps_as_the_eager_update(case):
+    """Same weights, moments, step counts and target critics after four updates, one of them skipped:
+    Adam's arithmetic on the device is torch.optim.Adam's; undrawn tasks and clipping as eagerly."""
+    eager, fused = _update(case), _update(case)
+    assert _run_eager(eager, BATCHES) == _run_apply(fused, BATCHES) == [True, True, False, True]
+    _assert_same(eager, fused)
+
+
+@pytest.mark.parametrize("case", ["mean", "adatask-clipped", "sdmgrad_os"])
+def test_a_non_finite_update_moves_nothing(case):
+    update = _update(case)
+    _run_apply(update, BATCHES[:2])
+    before = {name: t.clone() for name, t in _tensors(update).items()}
+    assert _run_apply(update, [_bad_batch(5)]) == [False]
+    after = _tensors(update)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name  # step counts too: the skipped step is not counted
+    assert all(p.grad is None for p in update.agent.parameters())
+
+
+def test_a_finite_update_moves_every_network_and_the_targets():
+    # The other half of the skip: `where` must not hold the weights back when the flag is true.
+    update = _update("mean")
+    _run_apply(update, BATCHES[:1])
+    before = {name: t.clone() for name, t in update.agent.state_dict().items()}
+    _run_apply(update, BATCHES[1:2])
+    for name, value in update.agent.state_dict().items():
+        assert not torch.equal(value, before[name]), name
+
+
+def _compiled_apply(update: SACUpdate):
+    # The "eager" backend runs what Dynamo captured as it is: these tests are about capture, not codegen.
+    return torch.compile(update.apply, fullgraph=True, backend="eager", dynamic=False)
+
+
+@pytest.mark.parametrize("case", ["mean", "pcgrad-clipped", "adatask-clipped"])
+def test_the_whole_update_compiles_as_one_graph(case):
+    """fullgraph=True fails on any graph break, and a host read of a tensor is one: the update,
+    steps and skip decision included, has none. The captured graph steps as the eager update."""
+    torch._dynamo.reset()
+    eager, compiled = _update(case), _update(case)
+    diagnostics = case == "mean"  # the Jacobian of the mean and the diagnostics, in the graph too
+    flags = _run_apply(compiled, BATCHES, _compiled_apply(compiled), diagnostics)
+    assert flags == _run_eager(eager, BATCHES) == [True, True, False, True]
+    _assert_same(eager, compiled)
+
+
+@pytest.mark.slow  # tracing takes 15-25 s each: the combiners' solvers unroll into the graph
+@pytest.mark.parametrize("combiner", ["cagrad", "nashmtl", "sdmgrad_os"])
+def test_the_whole_update_compiles_as_one_graph_with_an_iterative_combiner(combiner):
+    torch._dynamo.reset()
+
+    def build() -> SACUpdate:
+        chosen = make_combiner("sdmgrad_os", n=2) if combiner == "sdmgrad_os" else combiner
+        return make_update("multihead", chosen)
+
+    eager, compiled = build(), build()
+    assert _run_apply(compiled, BATCHES, _compiled_apply(compiled)) == _run_eager(eager, BATCHES)
+    _assert_same(eager, compiled, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.slow  # inductor generates and builds C++ for the whole update: minutes on 2 cores
+def test_compiled_with_inductor_on_the_cpu_matches_the_eager_update():
+    torch._dynamo.reset()
+    eager, compiled = _update("mean"), _update("mean", compile="default")
+    assert _run_eager(compiled, BATCHES) == _run_eager(eager, BATCHES) == [True, True, False, True]
+    _assert_same(eager, compiled, rtol=1e-9, atol=1e-12)
+
+
+def test_unknown_compile_modes_are_refused(tmp_path):
+    update = _update("mean")
+    with pytest.raises(ValueError, match="^unknown compile mode 'fast'; choose from: off, default, reduce-overhead$"):
+        SACUpdate(update.agent, update.optimization, update.combiner, compile="fast")
+    with pytest.raises(ConfigError, match="^train.compile must be one of off, default, reduce-overhead; found 'fast'$"):
+        toy_config(tmp_path, "train.compile=fast")
