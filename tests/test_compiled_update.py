@@ -159,3 +159,27 @@ def test_unknown_compile_modes_are_refused(tmp_path):
         SACUpdate(update.agent, update.optimization, update.combiner, compile="fast")
     with pytest.raises(ConfigError, match="^train.compile must be one of off, default, reduce-overhead; found 'fast'$"):
         toy_config(tmp_path, "train.compile=fast")
+
+
+@pytest.mark.slow  # inductor builds the update: about a minute on 2 cores
+def test_a_toy_run_with_a_compiled_update_trains_as_the_eager_run(tmp_path):
+    from mtrl.trainer import Trainer
+
+    runs = {}
+    for mode in ("off", "default"):
+        cfg = toy_config(
+            tmp_path / mode,
+            "train.warmup_steps=41",
+            "train.total_steps=60",
+            "eval.every=0",
+            "eval.episodes=2",
+            "checkpoint.every=0",
+            "combiner.name=pcgrad",
+            f"train.compile={mode}",
+        )
+        trainer = Trainer(cfg, tmp_path / mode)
+        assert trainer.train() == 0
+        runs[mode] = trainer
+    assert runs["default"].counters.updates == runs["off"].counters.updates == 20
+    for name, p in runs["off"].agent.state_dict().items():
+        torch.testing.assert_close(runs["default"].agent.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)
