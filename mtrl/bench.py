@@ -60,7 +60,7 @@ def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generato
     return Batch(obs, action, randn(k, b), next_obs, zeros, zeros)
 
 
-def _update(k: int, hidden: list[int], name: str, device: torch.device, compile: str = "off") -> SACUpdate:
+def _update(k: int, hidden: list[int], name: str, device: torch.device, compile: str = "none") -> SACUpdate:
     """The full update the trainer runs with combiner (or optimizer) `name`, on freshly initialised networks."""
     optimizer = "adatask" if name == "adatask" else "adam"
     combiner = make_combiner("mean" if name == "adatask" else name)
@@ -78,7 +78,7 @@ def bench_update(
     b: int,
     hidden: list[int],
     repeats: int,
-    compile_modes: tuple[str, ...] = ("off",),
+    compile_modes: tuple[str, ...] = ("none",),
 ) -> list[dict]:
     records = []
     for device in devices:
@@ -94,7 +94,7 @@ def bench_update(
 
             for mode, name in ((mode, name) for mode in compile_modes for name in combiners):
                 update = _update(k, hidden, name, device, mode)
-                warmup = 2 if mode == "off" else 4  # compiling, then recording the graphs
+                warmup = 2 if mode == "none" else 4  # compiling, then recording the graphs
                 update_ms = median_ms(partial(update, batch, gen, cpu_gen), device, repeats, warmup)
                 if name == "mean":
                     mean_update_ms = update_ms

@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: half the cores)")
     upd.add_argument(
         "--compile",
-        default="off",
-        help="comma-separated torch.compile modes of the whole update: off, default, reduce-overhead (default off)",
+        default="none",
+        help="comma-separated torch.compile modes of the whole update: none, default, reduce-overhead (default none)",
     )
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
     from mtrl import bench_env, bench_train

@@ -141,8 +141,8 @@ class TrainConfig:
         0, "CPU threads for torch; 0 = half the cores (leaves the rest to the envs: oversubscribed threads stall)"
     )
     compile: str = _f(
-        "off",
-        "off | default | reduce-overhead: run each update, steps included, as one torch.compile'd function whose "
+        "none",
+        "none | default | reduce-overhead: run each update, steps included, as one torch.compile'd function whose "
         "skip decision stays on the device; reduce-overhead replays it as CUDA graphs (GPU). Compiling takes "
         "minutes at the first update; results equal the eager update's to float rounding",
     )
@@ -401,7 +401,7 @@ def validate(cfg: Config) -> None:
         value = getattr(train, key)
         _check(value is None or value > 0, f"train.{key} must be > 0 or null, found {value}")
     _choice("train.rng_device", train.rng_device, ("auto", "cpu"))
-    _choice("train.compile", train.compile, ("off", "default", "reduce-overhead"))
+    _choice("train.compile", train.compile, ("none", "default", "reduce-overhead"))
     _check(
         train.buffer_device in ("auto", "cpu") or train.buffer_device.startswith("cuda"),
         f"train.buffer_device must be auto, cpu or a cuda device, found {train.buffer_device!r}",

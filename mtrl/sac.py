@@ -34,7 +34,7 @@ from mtrl.networks import Actor, TwinCritic, squashed_sample, task_parameter_nam
 from mtrl.optim import NetworkParameters, Optimization
 
 NETWORKS = ("critic", "actor", "alpha")
-COMPILE_MODES = ("off", "default", "reduce-overhead")
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 def split_parameters(module: nn.Module) -> NetworkParameters:
@@ -285,10 +285,10 @@ class SACUpdate:
     tensors with no host synchronisation and, except for a sampling combiner's subset (SDMGrad-OS,
     drawn on the CPU before anything else), fixed shapes.
 
-    `compile` ("off", "default", "reduce-overhead") runs the whole update, steps included, as one
+    `compile` ("none", "default", "reduce-overhead") runs the whole update, steps included, as one
     function of tensors (`apply`) under `torch.compile` with that mode: the finiteness decision is
     then applied on the device (`Optimization.step_where`), and "reduce-overhead" replays it as CUDA
-    graphs on a GPU. The host reads the flag once, after the update. "off" is the eager update.
+    graphs on a GPU. The host reads the flag once, after the update. "none" is the eager update.
     """
 
     def __init__(
@@ -299,7 +299,7 @@ class SACUpdate:
         combined: Iterable[str] = ("critic", "actor"),
         q_target_clip: float | None = None,
         hooks: Sequence[UpdateHook] = (),
-        compile: str = "off",
+        compile: str = "none",
     ):
         unknown = sorted(set(combined) - set(NETWORKS))
         if unknown:
@@ -307,7 +307,7 @@ class SACUpdate:
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}; choose from: {', '.join(COMPILE_MODES)}")
         self.compile = compile
-        self._compiled = None if compile == "off" else torch.compile(self.apply, mode=compile, dynamic=False)
+        self._compiled = None if compile == "none" else torch.compile(self.apply, mode=compile, dynamic=False)
         self.agent, self.optimization, self.combiner = agent, optimization, combiner
         self.q_target_clip = q_target_clip
         self.hooks = list(hooks)

@@ -36,11 +36,11 @@ if [ "$DEVICE" = cuda ]; then
         || { echo "gpu_check: torch sees no CUDA device; set GPU_CHECK_DEVICE=cpu for a CPU rehearsal" >&2; exit 2; }
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
     STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=3000; TRAIN_WARMUP=500; ENV_STEPS=500; ENV_REPEATS=3; SIZES=()
-    COMPILE=off,reduce-overhead; UPDATE_SIZES=()
+    COMPILE=none,reduce-overhead; UPDATE_SIZES=()
 else  # a rehearsal: the same steps, sizes that finish in seconds on a CPU (the compiled update traced, not built)
     STEPS=4; MT50_STEPS=4; TASKS=2; TRAIN_STEPS=60; TRAIN_WARMUP=30; ENV_STEPS=30; ENV_REPEATS=1
     SIZES=(--set agent.hidden_sizes=[16,16] --set train.batch_per_task=4)
-    COMPILE=off; UPDATE_SIZES=(--hidden 16,16 --batch-per-task 4)
+    COMPILE=none; UPDATE_SIZES=(--hidden 16,16 --batch-per-task 4)
 fi
 "$PY" - > "$OUT/versions.json" <<'EOF'
 import json, platform, torch

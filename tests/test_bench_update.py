@@ -31,7 +31,7 @@ def test_bench_update_records_each_combiner_against_mean_at_each_k(capsys):
     assert [(r["combiner"], r["K"]) for r in records] == [(n, k) for k in (2, 3) for n in ("mean", "pcgrad", "adatask")]
     for r in records:
         assert set(r) == FIELDS
-        assert (r["device"], r["compile"], r["batch_per_task"], r["hidden"]) == ("cpu", "off", 4, [8])
+        assert (r["device"], r["compile"], r["batch_per_task"], r["hidden"]) == ("cpu", "none", 4, [8])
         mean = next(m for m in records if m["combiner"] == "mean" and m["K"] == r["K"])
         assert r["update_ms"] > 0 and r["ratio_to_mean"] == pytest.approx(r["update_ms"] / mean["update_ms"], abs=1e-3)
         assert r["jacobian_ratio"] == pytest.approx(r["jacobian_ms"] / r["mean_backward_ms"], abs=1e-3)
@@ -41,7 +41,7 @@ def test_bench_update_records_each_combiner_against_mean_at_each_k(capsys):
     "flags, message",
     [
         (["--combiners", "meen"], "unknown combiner(s) ['meen']; choose from:"),
-        (["--compile", "off,fast"], "unknown compile mode(s) ['fast']; choose from: off, default, reduce-overhead"),
+        (["--compile", "none,fast"], "unknown compile mode(s) ['fast']; choose from: none, default, reduce-overhead"),
     ],
 )
 def test_bench_update_refuses_bad_flags_in_one_line(flags, message, capsys):

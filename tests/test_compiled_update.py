@@ -2,7 +2,7 @@
 
 `apply` takes every step on the device: the finiteness flag is never read inside it, so a skipped
 update is written through `torch.where`. These tests hold it to the eager update (`SACUpdate.__call__`
-with `compile="off"`), which steps with `torch.optim.Adam` only after reading the flag on the host,
+with `compile="none"`), which steps with `torch.optim.Adam` only after reading the flag on the host,
 and check that torch.compile captures it whole (`fullgraph=True`: no graph break, no host read).
 """
 
@@ -34,12 +34,12 @@ CASES = {
 }
 
 
-def _update(case: str, compile: str = "off") -> SACUpdate:
+def _update(case: str, compile: str = "none") -> SACUpdate:
     spec = dict(CASES[case])
     if spec["combiner"] == "sdmgrad_os":
         spec["combiner"] = make_combiner("sdmgrad_os", n=2)
     update = make_update(**spec)
-    if compile == "off":
+    if compile == "none":
         return update
     return SACUpdate(update.agent, update.optimization, update.combiner, ["critic", "actor"], compile=compile)
 
@@ -155,9 +155,11 @@ def test_compiled_with_inductor_on_the_cpu_matches_the_eager_update():
 
 def test_unknown_compile_modes_are_refused(tmp_path):
     update = _update("mean")
-    with pytest.raises(ValueError, match="^unknown compile mode 'fast'; choose from: off, default, reduce-overhead$"):
+    with pytest.raises(ValueError, match="^unknown compile mode 'fast'; choose from: none, default, reduce-overhead$"):
         SACUpdate(update.agent, update.optimization, update.combiner, compile="fast")
-    with pytest.raises(ConfigError, match="^train.compile must be one of off, default, reduce-overhead; found 'fast'$"):
+    with pytest.raises(
+        ConfigError, match="^train.compile must be one of none, default, reduce-overhead; found 'fast'$"
+    ):
         toy_config(tmp_path, "train.compile=fast")
 
 
@@ -166,7 +168,7 @@ def test_a_toy_run_with_a_compiled_update_trains_as_the_eager_run(tmp_path):
     from mtrl.trainer import Trainer
 
     runs = {}
-    for mode in ("off", "default"):
+    for mode in ("none", "default"):
         cfg = toy_config(
             tmp_path / mode,
             "train.warmup_steps=41",
@@ -180,6 +182,6 @@ def test_a_toy_run_with_a_compiled_update_trains_as_the_eager_run(tmp_path):
         trainer = Trainer(cfg, tmp_path / mode)
         assert trainer.train() == 0
         runs[mode] = trainer
-    assert runs["default"].counters.updates == runs["off"].counters.updates == 20
-    for name, p in runs["off"].agent.state_dict().items():
+    assert runs["default"].counters.updates == runs["none"].counters.updates == 20
+    for name, p in runs["none"].agent.state_dict().items():
         torch.testing.assert_close(runs["default"].agent.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)

@@ -49,8 +49,8 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_writes_its_records(tmp_path):
     assert {(r["combiner"], r["device"]) for r in update} == {("mean", "cpu"), ("cagrad", "cpu")}
     compiled = json.loads((out / "bench_update_compiled.json").read_text())
     assert [(r["combiner"], r["K"], r["compile"], r["hidden"]) for r in compiled] == [
-        ("mean", 2, "off", [16, 16]),
-        ("cagrad", 2, "off", [16, 16]),
+        ("mean", 2, "none", [16, 16]),
+        ("cagrad", 2, "none", [16, 16]),
     ]
     for benchmark in ("mt10", "mt50"):
         records = json.loads((out / f"bench_train_{benchmark}.json").read_text())
