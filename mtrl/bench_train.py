@@ -111,6 +111,7 @@ def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "device": str(parts.device),
                     "strategy": cfg.env.vector_strategy,
                     "overlap": overlap,
+                    "compile": cfg.train.compile,
                     "vector_steps_per_s": round(rate, 3),
                     "update_ms": round(update_ms, 3),
                     "collect_ms": round(collect_ms, 3),

@@ -4,7 +4,7 @@
 #
 # Runs the `gpu`-marked tests (those of the compiled update apart), `mtrl bench update` eager and
 # compiled as CUDA graphs (`--compile reduce-overhead`), `mtrl bench train` on MT10 and MT50 (mean and
-# cagrad, serial and overlapped), `mtrl bench env` on MT10, and a short MT10 training run on the GPU.
+# cagrad, serial and overlapped; MT10 cagrad also with its update compiled as CUDA graphs), `mtrl bench env` on MT10, and a short MT10 training run on the GPU.
 # Every record goes to ${OUT:-gpu_check_out}/ as JSON (summary.json lists each step's exit code and
 # seconds). CI never runs it: CI has no GPU.
 #
@@ -35,7 +35,7 @@ if [ "$DEVICE" = cuda ]; then
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "gpu_check: torch sees no CUDA device; set GPU_CHECK_DEVICE=cpu for a CPU rehearsal" >&2; exit 2; }
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-    STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=3000; TRAIN_WARMUP=500; ENV_STEPS=500; ENV_REPEATS=3; SIZES=()
+    STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=1000; TRAIN_WARMUP=300; ENV_STEPS=500; ENV_REPEATS=3; SIZES=()
     COMPILE=none,reduce-overhead; UPDATE_SIZES=()
 else  # a rehearsal: the same steps, sizes that finish in seconds on a CPU (the compiled update traced, not built)
     STEPS=4; MT50_STEPS=4; TASKS=2; TRAIN_STEPS=60; TRAIN_WARMUP=30; ENV_STEPS=30; ENV_REPEATS=1
@@ -59,20 +59,23 @@ step() {  # step NAME TIMEOUT_S OUTFILE COMMAND...: run, keep stdout in OUTFILE,
 }
 
 if [ "$DEVICE" = cuda ]; then
-    step gpu_tests 60 gpu_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py -k "not captured" \
+    step gpu_tests 50 gpu_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py -k "not captured" \
         --junitxml "$OUT/gpu_tests.xml"
-    step gpu_compile_tests 80 gpu_compile_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py -k captured \
+    step gpu_compile_tests 70 gpu_compile_tests.txt "$PY" -m pytest -q -m gpu tests/test_gpu.py -k captured \
         --junitxml "$OUT/gpu_compile_tests.xml"
 fi
-step bench_update 35 bench_update.json "$PY" -m mtrl bench update --json --combiners mean,cagrad --tasks "$TASKS" \
+step bench_update 30 bench_update.json "$PY" -m mtrl bench update --json --combiners mean,cagrad --tasks "$TASKS" \
     --devices "$DEVICE" --repeats 5
-step bench_update_compiled 80 bench_update_compiled.json "$PY" -m mtrl bench update --json --combiners mean,cagrad \
+step bench_update_compiled 70 bench_update_compiled.json "$PY" -m mtrl bench update --json --combiners mean,cagrad \
     --tasks "${TASKS%%,*}" --devices "$DEVICE" --repeats 20 --compile "$COMPILE" "${UPDATE_SIZES[@]}"
-step bench_train_mt10 70 bench_train_mt10.json "$PY" -m mtrl bench train --json --benchmark MT10 \
+step bench_train_mt10 60 bench_train_mt10.json "$PY" -m mtrl bench train --json --benchmark MT10 \
     --combiner mean,cagrad --device "$DEVICE" --steps "$STEPS" --warmup 200 --overlap --strategy pool "${SIZES[@]}"
-step bench_train_mt50 75 bench_train_mt50.json "$PY" -m mtrl bench train --json --benchmark MT50 \
+step bench_train_mt10_compiled 70 bench_train_mt10_compiled.json "$PY" -m mtrl bench train --json \
+    --benchmark MT10 --combiner cagrad --device "$DEVICE" --steps "$STEPS" --warmup 200 --overlap --strategy pool \
+    --set train.compile="${COMPILE##*,}" "${SIZES[@]}"
+step bench_train_mt50 60 bench_train_mt50.json "$PY" -m mtrl bench train --json --benchmark MT50 \
     --combiner mean,cagrad --device "$DEVICE" --steps "$MT50_STEPS" --warmup 100 --overlap --strategy pool "${SIZES[@]}"
-step bench_env 40 bench_env.json "$PY" -m mtrl bench env --json --benchmarks MT10 --steps "$ENV_STEPS" \
+step bench_env 30 bench_env.json "$PY" -m mtrl bench env --json --benchmarks MT10 --steps "$ENV_STEPS" \
     --repeats "$ENV_REPEATS" --workers 0,5
 step train_mt10 40 train_mt10.txt "$PY" -m mtrl train --config configs/mt10_mtsac.yaml device="$DEVICE" \
     run.dir="$OUT/train_mt10" train.total_steps="$TRAIN_STEPS" train.warmup_steps="$TRAIN_WARMUP" train.overlap=true \

@@ -39,6 +39,7 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_writes_its_records(tmp_path):
         "bench_update",
         "bench_update_compiled",
         "bench_train_mt10",
+        "bench_train_mt10_compiled",
         "bench_train_mt50",
         "bench_env",
         "train_mt10",
@@ -66,6 +67,11 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_writes_its_records(tmp_path):
             assert r["overlap_efficiency"] == pytest.approx(
                 r["vector_steps_per_s"] * max(r["update_ms"], r["collect_ms"]) / 1000, rel=1e-2, abs=2e-3
             )
+    compiled_train = json.loads((out / "bench_train_mt10_compiled.json").read_text())
+    assert [(r["combiner"], r["overlap"], r["compile"]) for r in compiled_train] == [
+        ("cagrad", False, "none"),
+        ("cagrad", True, "none"),
+    ]
     env_records = [json.loads(line) for line in (out / "bench_env.json").read_text().splitlines() if line.strip()]
     assert {r["strategy"] for r in env_records} == {"sync", "async", "pool"}
     metrics = [json.loads(line) for line in (out / "train_mt10_metrics.jsonl").read_text().splitlines()]
