@@ -36,11 +36,12 @@ if [ "$DEVICE" = cuda ]; then
         || { echo "gpu_check: torch sees no CUDA device; set GPU_CHECK_DEVICE=cpu for a CPU rehearsal" >&2; exit 2; }
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
     STEPS=200; MT50_STEPS=100; TASKS=10,50; TRAIN_STEPS=1000; TRAIN_WARMUP=300; ENV_STEPS=500; ENV_REPEATS=3; SIZES=()
-    COMPILE=none,reduce-overhead; UPDATE_SIZES=()
+    COMPILE=none,reduce-overhead; UPDATE_SIZES=(); LIMIT_SCALE=1
 else  # a rehearsal: the same steps, sizes that finish in seconds on a CPU (the compiled update traced, not built)
     STEPS=4; MT50_STEPS=4; TASKS=2; TRAIN_STEPS=60; TRAIN_WARMUP=30; ENV_STEPS=30; ENV_REPEATS=1
     SIZES=(--set agent.hidden_sizes=[16,16] --set train.batch_per_task=4)
     COMPILE=none; UPDATE_SIZES=(--hidden 16,16 --batch-per-task 4)
+    LIMIT_SCALE=4  # the limits are the GPU's; a rehearsal on a shared CPU runs slower and has no 8-minute bound
 fi
 "$PY" - > "$OUT/versions.json" <<'EOF'
 import json, platform, torch
@@ -50,7 +51,7 @@ EOF
 
 STATUS=()
 step() {  # step NAME TIMEOUT_S OUTFILE COMMAND...: run, keep stdout in OUTFILE, record exit code and seconds
-    local name=$1 limit=$2 out=$3; shift 3
+    local name=$1 limit=$(($2 * LIMIT_SCALE)) out=$3; shift 3
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$out" 2> "$OUT/$name.log"
     local rc=$?
