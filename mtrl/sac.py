@@ -285,10 +285,11 @@ class SACUpdate:
     tensors with no host synchronisation and, except for a sampling combiner's subset (SDMGrad-OS,
     drawn on the CPU before anything else), fixed shapes.
 
-    `compile` ("none", "default", "reduce-overhead") runs the whole update, steps included, as one
-    function of tensors (`apply`) under `torch.compile` with that mode: the finiteness decision is
-    then applied on the device (`Optimization.step_where`), and "reduce-overhead" replays it as CUDA
-    graphs on a GPU. The host reads the flag once, after the update. "none" is the eager update.
+    `device_steps` runs the whole update, steps included, as one function of tensors (`apply`): the
+    finiteness decision is applied on the device (`Optimization.step_where`) and the host reads the
+    flag once, after the update. `compile` ("none", "default", "reduce-overhead") runs `apply` under
+    `torch.compile` with that mode (implying `device_steps`); "reduce-overhead" replays it as CUDA
+    graphs on a GPU. The default is the eager update, which reads the flag before stepping.
     """
 
     def __init__(
@@ -300,6 +301,7 @@ class SACUpdate:
         q_target_clip: float | None = None,
         hooks: Sequence[UpdateHook] = (),
         compile: str = "none",
+        device_steps: bool = False,
     ):
         unknown = sorted(set(combined) - set(NETWORKS))
         if unknown:
@@ -307,7 +309,9 @@ class SACUpdate:
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}; choose from: {', '.join(COMPILE_MODES)}")
         self.compile = compile
-        self._compiled = None if compile == "none" else torch.compile(self.apply, mode=compile, dynamic=False)
+        self._device_update = self.apply if device_steps else None
+        if compile != "none":
+            self._device_update = torch.compile(self.apply, mode=compile, dynamic=False)
         self.agent, self.optimization, self.combiner = agent, optimization, combiner
         self.q_target_clip = q_target_clip
         self.hooks = list(hooks)
@@ -333,13 +337,13 @@ class SACUpdate:
         tasks = self.draw_tasks(k, combiner_generator, device)
         actor_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         draws = self.draw_combiner(k if tasks is None else tasks.numel(), combiner_generator, device)
-        if self._compiled is not None:
+        if self._device_update is not None:
             self.optimization.prepare_device_steps()
             if self.compile == "reduce-overhead":
                 for state in self.optimization.state_tensors():  # updated in place by every replay
                     torch._dynamo.mark_static_address(state)
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-            finite, metrics = self._compiled(batch, next_noise, actor_noise, tasks, draws, diagnostics)
+            finite, metrics = self._device_update(batch, next_noise, actor_noise, tasks, draws, diagnostics)
             # copies: a CUDA graph's outputs are overwritten by its next replay, metrics are read later
             return UpdateResult(bool(finite), {key: value.clone() for key, value in metrics.items()})
         gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)

@@ -1,9 +1,10 @@
 """The update as one function of tensors (`SACUpdate.apply`, what `train.compile` compiles).
 
 `apply` takes every step on the device: the finiteness flag is never read inside it, so a skipped
-update is written through `torch.where`. These tests hold it to the eager update (`SACUpdate.__call__`
-with `compile="none"`), which steps with `torch.optim.Adam` only after reading the flag on the host,
-and check that torch.compile captures it whole (`fullgraph=True`: no graph break, no host read).
+update is written through `torch.where`. These tests hold it (`SACUpdate(device_steps=True)`, and
+compiled) to the eager update, which steps with `torch.optim.Adam` only after reading the flag on
+the host, and check that torch.compile captures it whole (`fullgraph=True`: no graph break, no host
+read).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from mtrl.combiners import make_combiner
 from mtrl.config import ConfigError
-from mtrl.sac import SACUpdate, policy_noise
+from mtrl.sac import SACUpdate, UpdateResult, policy_noise
 from tests.conftest import toy_config
 from tests.test_sac import ACT, B, K, make_batch, make_update
 
@@ -34,14 +35,21 @@ CASES = {
 }
 
 
-def _update(case: str, compile: str = "none") -> SACUpdate:
+def _update(case: str, compile: str = "none", device_steps: bool = False) -> SACUpdate:
     spec = dict(CASES[case])
     if spec["combiner"] == "sdmgrad_os":
         spec["combiner"] = make_combiner("sdmgrad_os", n=2)
     update = make_update(**spec)
-    if compile == "none":
+    if compile == "none" and not device_steps:
         return update
-    return SACUpdate(update.agent, update.optimization, update.combiner, ["critic", "actor"], compile=compile)
+    return SACUpdate(
+        update.agent,
+        update.optimization,
+        update.combiner,
+        ["critic", "actor"],
+        compile=compile,
+        device_steps=device_steps,
+    )
 
 
 def _run_apply(update: SACUpdate, batches, apply=None, diagnostics: bool = False) -> list[bool]:
@@ -61,9 +69,14 @@ def _run_apply(update: SACUpdate, batches, apply=None, diagnostics: bool = False
     return flags
 
 
-def _run_eager(update: SACUpdate, batches) -> list[bool]:
+def _run(update: SACUpdate, batches, diagnostics: bool = False) -> list[UpdateResult]:
+    """`update` called as the trainer calls it, on each batch in turn."""
     generator, combiner_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
-    return [update(batch, generator, combiner_generator).finite for batch in batches]
+    return [update(batch, generator, combiner_generator, diagnostics) for batch in batches]
+
+
+def _run_eager(update: SACUpdate, batches) -> list[bool]:
+    return [result.finite for result in _run(update, batches)]
 
 
 def _tensors(update: SACUpdate) -> dict[str, torch.Tensor]:
@@ -84,20 +97,26 @@ def _assert_same(a: SACUpdate, b: SACUpdate, rtol: float = 1e-12, atol: float = 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_apply_steps_as_the_eager_update(case):
-    """Same weights, moments, step counts and target critics after four updates, one of them skipped:
-    Adam's arithmetic on the device is torch.optim.Adam's; undrawn tasks and clipping as eagerly."""
-    eager, fused = _update(case), _update(case)
-    assert _run_eager(eager, BATCHES) == _run_apply(fused, BATCHES) == [True, True, False, True]
+def test_device_steps_step_as_the_eager_update(case):
+    """Same weights, moments, step counts, target critics and metrics after four updates, one of
+    them skipped: Adam's arithmetic on the device is torch.optim.Adam's; undrawn tasks and clipping
+    as eagerly."""
+    eager, fused = _update(case), _update(case, device_steps=True)
+    eager_results, fused_results = _run(eager, BATCHES, diagnostics=True), _run(fused, BATCHES, diagnostics=True)
+    assert [r.finite for r in eager_results] == [r.finite for r in fused_results] == [True, True, False, True]
     _assert_same(eager, fused)
+    for eager_result, fused_result in zip(eager_results, fused_results, strict=True):
+        assert eager_result.metrics.keys() == fused_result.metrics.keys()
+        for key, value in eager_result.metrics.items():
+            torch.testing.assert_close(fused_result.metrics[key], value, rtol=1e-12, atol=1e-15, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", ["mean", "adatask-clipped", "sdmgrad_os"])
 def test_a_non_finite_update_moves_nothing(case):
-    update = _update(case)
-    _run_apply(update, BATCHES[:2])
+    update = _update(case, device_steps=True)
+    _run(update, BATCHES[:2])
     before = {name: t.clone() for name, t in _tensors(update).items()}
-    assert _run_apply(update, [_bad_batch(5)]) == [False]
+    assert [r.finite for r in _run(update, [_bad_batch(5)])] == [False]
     after = _tensors(update)
     for name, value in before.items():
         assert torch.equal(after[name], value), name  # step counts too: the skipped step is not counted
@@ -106,10 +125,10 @@ def test_a_non_finite_update_moves_nothing(case):
 
 def test_a_finite_update_moves_every_network_and_the_targets():
     # The other half of the skip: `where` must not hold the weights back when the flag is true.
-    update = _update("mean")
-    _run_apply(update, BATCHES[:1])
+    update = _update("mean", device_steps=True)
+    _run(update, BATCHES[:1])
     before = {name: t.clone() for name, t in update.agent.state_dict().items()}
-    _run_apply(update, BATCHES[1:2])
+    _run(update, BATCHES[1:2])
     for name, value in update.agent.state_dict().items():
         assert not torch.equal(value, before[name]), name
 
