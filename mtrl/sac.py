@@ -79,6 +79,13 @@ def polyak_update_where(target: nn.Module, source: nn.Module, tau: float, where:
         t.copy_(torch.where(where, t.lerp(p, tau), t))
 
 
+def _copy_tensor_attributes(obj: object) -> None:
+    """Replace every tensor attribute of `obj` by a copy of it."""
+    for name, value in list(vars(obj).items()):
+        if torch.is_tensor(value):
+            setattr(obj, name, value.clone())
+
+
 def policy_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
     """Standard normal noise drawn on `generator`'s own device, then moved to `device`.
 
@@ -344,7 +351,10 @@ class SACUpdate:
                     torch._dynamo.mark_static_address(state)
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
             finite, metrics = self._device_update(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-            # copies: a CUDA graph's outputs are overwritten by its next replay, metrics are read later
+            if self.compile == "reduce-overhead":
+                # A CUDA graph's outputs are overwritten by its next replay: the combiner keeps some
+                # (a warm start, the last weights) past it, and the metrics are read at the next log.
+                _copy_tensor_attributes(self.combiner)
             return UpdateResult(bool(finite), {key: value.clone() for key, value in metrics.items()})
         gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
         finite = bool(gradients.finite)  # the update's one host synchronisation
