@@ -266,10 +266,8 @@ def _drawn_mask(k: int, drawn: Tensor) -> Tensor:
     return torch.zeros(k, dtype=torch.bool, device=drawn.device).index_fill_(0, drawn, True)
 
 
-def _prepare_adam(adam: torch.optim.Optimizer | None) -> None:
+def _prepare_adam(adam: torch.optim.Optimizer) -> None:
     """Adam's state as `torch.optim.Adam` creates it at its first step, with the step count on the device."""
-    if adam is None:
-        return
     for p in (p for group in adam.param_groups for p in group["params"]):
         state = adam.state[p]
         if not state:
