@@ -369,8 +369,8 @@ class SACUpdate:
         next_noise: Tensor,
         actor_noise: Tensor,
         tasks: Tensor | None,
-        draws: dict[str, Tensor | None] | None = None,
-        diagnostics: bool = False,
+        draws: dict[str, Tensor | None] | None,
+        diagnostics: bool,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The whole update as a function of tensors, with no host synchronisation: gradients, then
         every step and the target critics' move taken on the device only if everything is finite.

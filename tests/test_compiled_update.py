@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtrl.combiners import make_combiner
+from mtrl.combiners import Combiner, make_combiner
 from mtrl.config import ConfigError
-from mtrl.sac import SACUpdate, UpdateResult, policy_noise
+from mtrl.optim import Optimization
+from mtrl.sac import SACUpdate, UpdateHook, UpdateResult, policy_noise
 from tests.conftest import toy_config
 from tests.test_sac import ACT, B, K, make_batch, make_update
 
@@ -209,3 +210,62 @@ def test_a_toy_run_with_a_compiled_update_trains_as_the_eager_run(tmp_path):
         torch.testing.assert_close(compiled.agent.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)
     warm_starts = [run.parts.combiner.state_dict()["warm_start"] for run in (eager, compiled)]
     torch.testing.assert_close(warm_starts[1], warm_starts[0], rtol=1e-4, atol=1e-6)
+
+
+class _RecordingCombiner(Combiner):
+    """Samples two tasks and draws one number per drawn task for every call; records what it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[torch.Tensor] = []
+
+    def select_tasks(self, num_tasks: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(num_tasks, generator=generator)[:2].sort().values
+
+    def draw(self, num_tasks: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.rand(num_tasks, generator=generator, dtype=torch.float64)
+
+    def weights(self, gramian: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
+        self.received.append(draws.clone())
+        return gramian.new_full((gramian.shape[0],), 1.0 / gramian.shape[0])
+
+
+class _StepRecorder(UpdateHook):
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, list[torch.nn.Parameter]]] = []
+
+    def on_step(self, network: str, parameters: list[torch.nn.Parameter]) -> None:
+        self.steps.append((network, parameters))
+
+
+@pytest.mark.parametrize("device_steps", [False, True])
+def test_the_combiners_draws_come_from_the_combiner_generator_in_network_order(device_steps):
+    """Tasks, then the critic's draws, then the actor's, for the drawn rows only; each reaches its call."""
+    combiner, recorder = _RecordingCombiner(), _StepRecorder()
+    agent = make_update("multihead").agent
+    optimization = Optimization(agent.params, "adam", agent.learning_rates, K)
+    update = SACUpdate(agent, optimization, combiner, hooks=[recorder], device_steps=device_steps)
+    results = _run(update, BATCHES[:2])
+    assert all(result.finite for result in results)
+    replay = torch.Generator().manual_seed(4)  # the combiner generator of `_run`
+    expected = []
+    for _ in range(2):
+        torch.randperm(K, generator=replay)
+        expected += [torch.rand(2, generator=replay, dtype=torch.float64) for _network in ("critic", "actor")]
+    assert len(combiner.received) == 4
+    for received, drawn in zip(combiner.received, expected, strict=True):
+        assert torch.equal(received, drawn)
+    # the hooks see each network, with its parameters, as it steps
+    assert [network for network, _ in recorder.steps] == ["critic", "actor", "alpha"] * 2
+    for network, parameters in recorder.steps:
+        assert parameters == agent.params[network].all()
+
+
+@pytest.mark.parametrize("device_steps", [False, True])
+def test_an_update_without_diagnostics_reports_no_combiner_metrics(device_steps):
+    update = _update("pcgrad-clipped", device_steps=device_steps)
+    generator, combiner_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    plain = update(make_batch(1), generator, combiner_generator)
+    assert plain.metrics and not any(key.startswith("combiner/") for key in plain.metrics)
+    diagnosed = update(make_batch(2), generator, combiner_generator, diagnostics=True)
+    assert any(key.startswith("combiner/") for key in diagnosed.metrics)
