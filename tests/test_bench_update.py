@@ -33,8 +33,9 @@ def test_bench_update_records_each_combiner_against_mean_at_each_k(capsys):
         assert set(r) == FIELDS
         assert (r["device"], r["compile"], r["batch_per_task"], r["hidden"]) == ("cpu", "none", 4, [8])
         mean = next(m for m in records if m["combiner"] == "mean" and m["K"] == r["K"])
-        assert r["update_ms"] > 0 and r["ratio_to_mean"] == pytest.approx(r["update_ms"] / mean["update_ms"], abs=1e-3)
-        assert r["jacobian_ratio"] == pytest.approx(r["jacobian_ms"] / r["mean_backward_ms"], abs=1e-3)
+        # the ratios are of the unrounded times
+        assert r["update_ms"] > 0 and r["ratio_to_mean"] == pytest.approx(r["update_ms"] / mean["update_ms"], rel=1e-2)
+        assert r["jacobian_ratio"] == pytest.approx(r["jacobian_ms"] / r["mean_backward_ms"], rel=1e-2)
 
 
 @pytest.mark.parametrize(
