@@ -29,7 +29,6 @@ LossFn = Callable[[Params, Params, tuple, tuple], tuple[torch.Tensor, Any]]
 
 @dataclass
 class TaskObjective:
-    name: str
     loss_fn: LossFn
     shared: dict[str, torch.nn.Parameter]
     task: dict[str, torch.nn.Parameter]

@@ -171,7 +171,7 @@ class MTSAC(nn.Module):
 
     def critic_objective(self, batch: Batch, target: Tensor) -> TaskObjective:
         shared, task = self.params["critic"]
-        return TaskObjective("critic", self._critic_loss, shared, task, (batch.obs, batch.action, target))
+        return TaskObjective(self._critic_loss, shared, task, (batch.obs, batch.action, target))
 
     def actor_objective(self, batch: Batch, noise: Tensor) -> TaskObjective:
         """Task k's policy against task k's critic: task-specific critic parameters (multi-head
@@ -186,12 +186,12 @@ class MTSAC(nn.Module):
             {n: p.detach() for n, p in critic_task.items()},
         )
         return TaskObjective(
-            "actor", self._actor_loss, shared, task, inputs, ({n: p.detach() for n, p in critic_shared.items()},)
+            self._actor_loss, shared, task, inputs, ({n: p.detach() for n, p in critic_shared.items()},)
         )
 
     def alpha_objective(self, mean_logp: Tensor) -> TaskObjective:
         shared, task = self.params["alpha"]
-        return TaskObjective("alpha", self._alpha_loss, shared, task, (mean_logp,))
+        return TaskObjective(self._alpha_loss, shared, task, (mean_logp,))
 
 
 # ----- from per-task losses to `.grad` -------------------------------------------------------
@@ -276,7 +276,9 @@ class UpdateHook:
         """`network`'s `.grad` has been written; the finiteness decision, next, sees changes made here."""
 
     def on_step(self, network: str, parameters: list[nn.Parameter]) -> None:
-        """`network` is about to step: `.grad` as its optimizer steps on it (clipped)."""
+        """`network` is about to step: `.grad` as its optimizer steps on it (clipped). Eagerly only
+        for an update that is taken; with the steps decided on the device (`device_steps`,
+        `compile`), for every update, the step then being taken or not by the flag."""
 
 
 class SACUpdate:

@@ -15,7 +15,7 @@ from pathlib import Path
 # [tool.mutmut] of pyproject.toml; tests/mutation_scope.py drops the others).
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "buffer": (["mtrl.buffer.*"], ["tests/test_buffer.py"]),
-    "sac": (["mtrl.sac.*"], ["tests/test_sac.py", "tests/test_jacobian.py", "tests/test_compiled_update.py"]),
+    "sac": (["mtrl.sac.*"], ["tests/test_sac.py", "tests/test_jacobian.py", "tests/test_compiled_update.py", "tests/test_sac_update.py"]),
     "jacobian": (["mtrl.jacobian.*"], ["tests/test_jacobian.py", "tests/test_sac.py"]),
     "evaluation": (["mtrl.evaluation.*"], ["tests/test_evaluation.py", "tests/test_evaluator_scripted.py"]),
     "checkpoint": (["mtrl.checkpoint.*"], ["tests/test_checkpoint.py"]),

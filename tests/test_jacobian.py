@@ -26,7 +26,7 @@ def _objective(multihead: bool, seed: int = 0) -> tuple[TwinCritic, TaskObjectiv
         q1, q2 = functional_call(critic, {**shared_p, **task_p}, (o, a))
         return (q1 - y).pow(2).mean() + (q2 - y).pow(2).mean(), q1.mean()
 
-    return critic, TaskObjective("critic", loss_fn, shared, task, (obs, act, target))
+    return critic, TaskObjective(loss_fn, shared, task, (obs, act, target))
 
 
 def _reference_task_grads(critic: TwinCritic, objective: TaskObjective) -> list[dict[str, torch.Tensor]]:
