@@ -15,7 +15,10 @@ from pathlib import Path
 # [tool.mutmut] of pyproject.toml; tests/mutation_scope.py drops the others).
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "buffer": (["mtrl.buffer.*"], ["tests/test_buffer.py"]),
-    "sac": (["mtrl.sac.*"], ["tests/test_sac.py", "tests/test_jacobian.py", "tests/test_compiled_update.py", "tests/test_sac_update.py"]),
+    "sac": (
+        ["mtrl.sac.*"],
+        ["tests/test_sac.py", "tests/test_sac_update.py", "tests/test_jacobian.py", "tests/test_compiled_update.py"],
+    ),
     "jacobian": (["mtrl.jacobian.*"], ["tests/test_jacobian.py", "tests/test_sac.py"]),
     "evaluation": (["mtrl.evaluation.*"], ["tests/test_evaluation.py", "tests/test_evaluator_scripted.py"]),
     "checkpoint": (["mtrl.checkpoint.*"], ["tests/test_checkpoint.py"]),
@@ -25,7 +28,10 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         # test_bad_input holds the refusals of `check`, `load` and `load_latest` (other tasks, corrupt files)
         ["tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_bad_input.py"],
     ),
-    "optim": (["mtrl.optim.*"], ["tests/test_sac.py", "tests/test_adatask.py", "tests/test_compiled_update.py"]),
+    "optim": (
+        ["mtrl.optim.*"],
+        ["tests/test_sac.py", "tests/test_sac_update.py", "tests/test_adatask.py", "tests/test_compiled_update.py"],
+    ),
     "adatask": (["mtrl.adatask.*"], ["tests/test_adatask.py", "tests/test_sac.py", "tests/test_compiled_update.py"]),
     "combiners": (["mtrl.combiners.*"], sorted(str(p) for p in Path("tests").glob("test_combiner_*.py"))),
 }
