@@ -59,7 +59,9 @@ def build(
 ) -> SACUpdate:
     optimization = Optimization(agent.params, "adam", agent.learning_rates, K)
     combiner = make_combiner(combiner) if isinstance(combiner, str) else combiner
-    return SACUpdate(agent, optimization, combiner, combined, hooks=hooks, device_steps=device_steps, **kwargs)
+    if device_steps:
+        kwargs["device_steps"] = True  # otherwise the default: the eager update
+    return SACUpdate(agent, optimization, combiner, combined, hooks=hooks, **kwargs)
 
 
 def run(update: SACUpdate, batches, diagnostics: bool = False):
