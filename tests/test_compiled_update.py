@@ -139,7 +139,10 @@ def _compiled_apply(update: SACUpdate):
     return torch.compile(update.apply, fullgraph=True, backend="eager", dynamic=False)
 
 
-@pytest.mark.parametrize("case", ["mean", "pcgrad-clipped", "adatask-clipped"])
+@pytest.mark.parametrize(
+    "case",  # mean with the Jacobian and diagnostics; PCGrad's random orders and clipping; AdaTask (slow)
+    ["mean", "pcgrad-clipped", pytest.param("adatask-clipped", marks=pytest.mark.slow)],
+)
 def test_the_whole_update_compiles_as_one_graph(case):
     """fullgraph=True fails on any graph break, and a host read of a tensor is one: the update,
     steps and skip decision included, has none. The captured graph steps as the eager update."""
