@@ -318,7 +318,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{key} must be one of {', '.join(choices)}; found {value!r}")
+    hint = " (YAML reads on/off/yes/no as a boolean)" if value in ("True", "False", True, False) else ""
+    _check(value in choices, f"{key} must be one of {', '.join(choices)}; found {value!r}{hint}")
 
 
 def validate(cfg: Config) -> None:

@@ -184,6 +184,11 @@ def test_unknown_compile_modes_are_refused(tmp_path):
         ConfigError, match="^train.compile must be one of none, default, reduce-overhead; found 'fast'$"
     ):
         toy_config(tmp_path, "train.compile=fast")
+    # YAML reads `off` as false: the modes are words it keeps as strings, and the refusal says why
+    with pytest.raises(ConfigError, match=r"found 'False' \(YAML reads on/off/yes/no as a boolean\)$"):
+        toy_config(tmp_path, "train.compile=off")
+    assert toy_config(tmp_path, "train.compile=none").train.compile == "none"
+    assert toy_config(tmp_path, "train.compile=reduce-overhead").train.compile == "reduce-overhead"
 
 
 @pytest.mark.slow  # inductor builds the update: about a minute on 2 cores
