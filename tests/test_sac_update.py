@@ -9,7 +9,7 @@ import torch
 from mtrl.combiners import Combiner, make_combiner
 from mtrl.networks import task_parameter_names
 from mtrl.optim import Optimization
-from mtrl.sac import MTSAC, SACUpdate, UpdateHook
+from mtrl.sac import MTSAC, NETWORKS, SACUpdate, UpdateHook
 from tests.test_sac import ACT, OBS, K, make_agent, make_batch
 
 MODES = pytest.mark.parametrize("device_steps", [False, True], ids=["eager", "device_steps"])
@@ -31,6 +31,7 @@ class Recording(Combiner):
         return torch.rand(num_tasks, generator=generator, dtype=torch.float64)
 
     def weights(self, gramian: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
+        assert draws.shape == gramian.shape[:1], "one draw per row of G"
         self.received.append(draws.clone())
         return gramian.new_full((gramian.shape[0],), 1.0 / gramian.shape[0])
 
@@ -102,6 +103,7 @@ def test_hooks_see_the_clipped_targets_each_networks_gradients_and_each_step(dev
     ]
     assert all(g is not None for _, _, grads in recorder.gradients for g in grads)
     assert recorder.steps == [(net, agent.params[net].all()) for net in ("critic", "actor", "alpha")]
+    assert all(p.grad is None for p in agent.parameters())  # the gradients' memory is let go
 
 
 @MODES
@@ -149,7 +151,8 @@ def test_only_the_combined_networks_draw_and_each_gets_its_own_draws(device_step
     assert {"combiner/critic/weights", "combiner/alpha/weights"} <= metrics.keys()
     assert not any(key.startswith("combiner/actor/") for key in metrics)
     assert torch.isfinite(metrics["loss/actor"]).all()  # the actor is not combined: every task's loss
-    assert torch.isnan(metrics["loss/critic"]).sum() == 1  # one task not drawn this update
+    for combined in ("loss/critic", "loss/alpha"):
+        assert torch.isnan(metrics[combined]).sum() == 1  # one task not drawn this update
 
 
 @MODES
@@ -180,3 +183,15 @@ def test_the_metrics_are_what_they_name(device_steps):
     torch.testing.assert_close(plain.metrics["entropy"], entropy, rtol=1e-9, atol=1e-12)
     gradients = update.gradients(make_batch(2), *(torch.zeros(K, 5, ACT, dtype=torch.float64),) * 2, None)
     assert not any(key.startswith("combiner/") for key in gradients.metrics)
+
+
+@MODES
+def test_diagnostics_cover_every_combined_network_even_with_the_mean(device_steps):
+    """With `mean` no Jacobian is needed for the update; a diagnostics update computes it for each
+    combined network (here the shared temperature too), and only then."""
+    update = build(make_agent("multihead", shared_temperature=True), "mean", device_steps, combined=NETWORKS)
+    plain, diagnosed = run(update, [make_batch(1)])[0], run(update, [make_batch(2)], diagnostics=True)[0]
+    assert not any(key.startswith("combiner/") for key in plain.metrics)
+    for net in NETWORKS:
+        weights = diagnosed.metrics[f"combiner/{net}/weights"]
+        torch.testing.assert_close(weights, torch.full((K,), 1 / K, dtype=torch.float64))
