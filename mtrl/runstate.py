@@ -111,7 +111,7 @@ class RunState:
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{self.source} does not match this config: {str(err).splitlines()[0]}") from None
         parts.gen_cpu.set_state(self.rng["cpu"])
-        parts.gen_device.set_state(self.rng["device"].to("cpu"))
+        parts.gen_device.set_state(self.rng["device"])  # a CPU tensor, whatever device the generator is on
         return progress
 
     def actor(self, device: torch.device) -> Actor:
