@@ -164,3 +164,12 @@ def test_a_failed_write_whose_temporary_is_already_gone_raises_the_write_error(t
     with pytest.raises(RuntimeError, match="^killed mid-write$"):
         ckpt.atomic_save({"x": _RemovesTheTemporary(d)}, d / "step_0000000001.pt")
     assert list(d.iterdir()) == []
+
+
+def test_the_step_of_a_periodic_checkpoint_is_read_from_its_name_alone(tmp_path):
+    assert ckpt.checkpoint_step(tmp_path / "checkpoints" / "step_0000012345.pt") == 12345  # no such file
+    assert ckpt.checkpoint_step("step_0000000000.pt") == 0
+    for name in ("best.pt", "step_12345.pt"):
+        with pytest.raises(ckpt.CheckpointError) as err:
+            ckpt.checkpoint_step(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name} is not a periodic checkpoint (step_<step>.pt)"
