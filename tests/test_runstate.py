@@ -83,6 +83,14 @@ def test_a_checkpoint_without_a_usable_config_is_refused_in_one_line(run):
         RunState.from_dict(state)
 
 
+def test_an_incomplete_checkpoint_is_refused_naming_what_is_wrong(run):
+    state = ckpt.load(run)
+    del state["agent"]
+    with pytest.raises(ckpt.CheckpointError) as err:
+        RunState.from_dict(state, source=Path("old.pt"))
+    assert str(err.value) == "old.pt is not a complete mtrl checkpoint (KeyError: 'agent')"
+
+
 @pytest.mark.parametrize(
     "override, error, message",
     [
