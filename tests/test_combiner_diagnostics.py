@@ -29,10 +29,18 @@ def test_pairwise_cosines_norms_and_the_updates_angle():
 
 
 def test_one_task_has_nothing_in_conflict_and_no_weights_means_no_weights_metric():
-    out = gradient_diagnostics("actor", torch.tensor([[3.0, 4.0]]), torch.tensor([-3.0, -4.0]), None)
+    gradients = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    out = gradient_diagnostics("actor", gradients, torch.tensor([-3.0, -4.0], dtype=torch.float64), None)
     assert "combiner/actor/weights" not in out
     assert out["combiner/actor/cos_mean"].item() == out["combiner/actor/cos_min"].item() == 1.0
     assert out["combiner/actor/conflict_share"].item() == 0.0
-    assert out["combiner/actor/conflict_share"].dtype == torch.float32
+    assert out["combiner/actor/conflict_share"].dtype == torch.float32  # as with K > 1, whatever the gradients' dtype
     assert out["combiner/actor/grad_norm"].tolist() == [5.0]
     assert out["combiner/actor/update_angle_deg"].item() == pytest.approx(180.0, abs=1e-3)
+
+
+def test_an_update_along_the_mean_gradient_is_at_zero_degrees_where_rounding_puts_the_cosine_above_one():
+    matrix = torch.ones(2, 3)
+    update = 3 * matrix.mean(0)
+    assert (update @ matrix.mean(0) / (update.norm() * matrix.mean(0).norm())).item() > 1  # float32 rounding
+    assert gradient_diagnostics("critic", matrix, update, None)["combiner/critic/update_angle_deg"].item() == 0.0
