@@ -158,3 +158,20 @@ def test_a_simplex_programs_objective_at_a_batch_of_points():
     points = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.0, 0.4, 0.6]], dtype=torch.float64)
     expected = [float(x @ linear + 0.5 * x @ quadratic @ x + 0.7 * (x @ root @ x).sqrt()) for x in points]
     assert program.value(points).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_combiner_shows_its_name_and_hyper_parameters():
+    assert repr(make_combiner("cagrad", c=0.3)) == "CAGrad(c=0.3, rescale=1, solver='exact')"
+    assert repr(make_combiner("mean")) == "Mean()"
+
+
+def test_mean_weights_every_task_alike():
+    gramian = torch.tensor([[4.0, -1.0, 0.0], [-1.0, 1.0, 0.5], [0.0, 0.5, 9.0]], dtype=torch.float64)
+    assert make_combiner("mean").weights(gramian).tolist() == [1 / 3] * 3
+
+
+def test_tasks_are_selected_on_the_generators_device_whatever_torchs_default_device():
+    generator = torch.Generator(device="cpu")
+    with torch.device("meta"):  # a default device with no data
+        selected = make_combiner("mean").select_tasks(4, generator)
+    assert selected.device == torch.device("cpu") and selected.tolist() == [0, 1, 2, 3]
