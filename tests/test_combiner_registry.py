@@ -170,8 +170,13 @@ def test_mean_weights_every_task_alike():
     assert make_combiner("mean").weights(gramian).tolist() == [1 / 3] * 3
 
 
-def test_tasks_are_selected_on_the_generators_device_whatever_torchs_default_device():
-    generator = torch.Generator(device="cpu")
-    with torch.device("meta"):  # a default device with no data
-        selected = make_combiner("mean").select_tasks(4, generator)
+def test_random_draws_are_made_on_the_generators_device_whatever_torchs_default_device():
+    gramian = torch.tensor([[4.0, -1.0, 0.5], [-1.0, 1.0, 0.2], [0.5, 0.2, 2.0]], dtype=torch.float64)
+    pcgrad, sdmgrad_os = make_combiner("pcgrad"), make_combiner("sdmgrad_os", n=2)
+    expected = pcgrad.weights(gramian, torch.Generator().manual_seed(3))
+    drawn = sdmgrad_os.select_tasks(6, torch.Generator().manual_seed(1))
+    with torch.device("meta"):  # a default device with no data, where the CPU generators cannot draw
+        selected = make_combiner("mean").select_tasks(4, torch.Generator(device="cpu"))
+        assert torch.equal(pcgrad.weights(gramian, torch.Generator(device="cpu").manual_seed(3)), expected)
+        assert torch.equal(sdmgrad_os.select_tasks(6, torch.Generator(device="cpu").manual_seed(1)), drawn)
     assert selected.device == torch.device("cpu") and selected.tolist() == [0, 1, 2, 3]
