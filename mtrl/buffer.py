@@ -23,9 +23,6 @@ class Batch(NamedTuple):
     truncated: torch.Tensor
 
 
-FIELDS = Batch._fields
-
-
 class MultiTaskReplayBuffer:
     """Ring buffer of `capacity_per_task` transitions for each of `num_tasks` tasks.
 
@@ -37,15 +34,14 @@ class MultiTaskReplayBuffer:
         if capacity_per_task < 1:
             raise ValueError(f"capacity_per_task must be >= 1, found {capacity_per_task}")
         self.num_tasks, self.capacity, self.device = num_tasks, capacity_per_task, torch.device(device)
-        shape = (num_tasks, capacity_per_task)
-        kw = dict(device=self.device)
+        per_transition = Batch(
+            obs=(obs_dim,), action=(act_dim,), reward=(), next_obs=(obs_dim,), terminated=(), truncated=()
+        )
         self.storage = Batch(
-            obs=torch.zeros(*shape, obs_dim, dtype=torch.float32, **kw),
-            action=torch.zeros(*shape, act_dim, dtype=torch.float32, **kw),
-            reward=torch.zeros(*shape, dtype=torch.float32, **kw),
-            next_obs=torch.zeros(*shape, obs_dim, dtype=torch.float32, **kw),
-            terminated=torch.zeros(*shape, dtype=torch.float32, **kw),
-            truncated=torch.zeros(*shape, dtype=torch.float32, **kw),
+            *(
+                torch.zeros(num_tasks, capacity_per_task, *shape, dtype=torch.float32, device=self.device)
+                for shape in per_transition
+            )
         )
         self.cursor = 0
         self.size = 0
@@ -57,7 +53,7 @@ class MultiTaskReplayBuffer:
     def add(self, transition: Batch) -> None:
         """Add one transition per task; each field is `[K, ...]`."""
         for store, value in zip(self.storage, transition, strict=True):
-            store[:, self.cursor] = torch.as_tensor(value, dtype=torch.float32).to(self.device, non_blocking=True)
+            store[:, self.cursor] = torch.as_tensor(value)  # the copy into storage casts and moves it
         self.cursor = (self.cursor + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -71,25 +67,24 @@ class MultiTaskReplayBuffer:
         out = []
         for store in self.storage:
             gather_idx = idx.view(*idx.shape, *([1] * (store.dim() - 2))).expand(-1, -1, *store.shape[2:])
-            out.append(torch.gather(store, 1, gather_idx).to(device, non_blocking=True))
+            out.append(torch.gather(store, 1, gather_idx).to(device))
         return Batch(*out)
 
     def state_dict(self) -> dict:
-        valid = slice(0, self.size)
         return {
             "cursor": self.cursor,
             "size": self.size,
             "capacity": self.capacity,
             # a copy of the filled part only: a slice would make torch.save write the whole buffer
-            **{name: store[:, valid].cpu().clone() for name, store in zip(FIELDS, self.storage, strict=True)},
+            **{name: store[:, : self.size].cpu().clone() for name, store in self.storage._asdict().items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state["capacity"] != self.capacity:
             raise ValueError(f"buffer capacity mismatch: checkpoint {state['capacity']}, config {self.capacity}")
-        for name, store in zip(FIELDS, self.storage, strict=True):
+        for name, store in self.storage._asdict().items():
             saved = state[name]
             if saved.shape[0] != store.shape[0] or saved.shape[2:] != store.shape[2:]:
                 raise ValueError(f"buffer field {name!r} has shape {tuple(saved.shape)}, expected {tuple(store.shape)}")
-            store[:, : state["size"]] = saved.to(self.device)
+            store[:, : state["size"]] = saved
         self.cursor, self.size = state["cursor"], state["size"]

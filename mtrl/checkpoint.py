@@ -83,8 +83,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refused to load {path}: not a safe checkpoint ({first})") from None
+        reason = str(err).strip() or type(err).__name__
+        raise CheckpointError(f"refused to load {path}: not a safe checkpoint ({reason.splitlines()[0]})") from None
     except Exception as err:  # whatever the parser trips on (IndexError, KeyError, ...), the file is unreadable
         raise CheckpointError(
             f"cannot read checkpoint {path}: corrupt or truncated file ({type(err).__name__})"
@@ -135,7 +135,7 @@ def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int, is_bes
 def remove_partial_writes(run_dir: Path) -> int:
     """Delete temporaries left by a process killed mid-write; returns how many."""
     d = checkpoint_dir(run_dir)
-    stale = list(d.glob(".*.tmp")) if d.is_dir() else []
+    stale = list(d.glob(".*.tmp"))  # nothing when the directory does not exist
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

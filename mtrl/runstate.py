@@ -111,7 +111,7 @@ class RunState:
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{self.source} does not match this config: {str(err).splitlines()[0]}") from None
         parts.gen_cpu.set_state(self.rng["cpu"])
-        parts.gen_device.set_state(self.rng["device"].to("cpu"))
+        parts.gen_device.set_state(self.rng["device"])  # a CPU tensor, whatever device the generator is on
         return progress
 
     def actor(self, device: torch.device) -> Actor:
@@ -202,7 +202,7 @@ def load_latest(run_dir: Path) -> RunState:
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {run_dir}")
-    return RunState.from_dict(ckpt.load(path, map_location="cpu"), source=path)
+    return RunState.from_dict(ckpt.load(path), source=path)  # tensors on the CPU (the default of ckpt.load)
 
 
 def _per_network(optimizers: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "runstate": (
         ["mtrl.runstate.*"],
         # test_bad_input holds the refusals of `check`, `load` and `load_latest` (other tasks, corrupt files)
-        ["tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_bad_input.py"],
+        ["tests/test_runstate.py", "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_bad_input.py"],
     ),
     "optim": (
         ["mtrl.optim.*"],

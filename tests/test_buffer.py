@@ -145,3 +145,62 @@ def test_storage_is_float32_even_when_torchs_default_dtype_is_not():
         torch.set_default_dtype(previous)
     assert {t.dtype for t in buf.storage} == {torch.float32}
     assert sum(t.nbytes for t in buf.storage) == MultiTaskReplayBuffer.nbytes(2, 4, 3, 2)
+
+
+def test_storage_lives_on_the_buffers_device_and_a_sample_on_the_device_asked_for():
+    # torch's "meta" device has shapes but no data: it shows where tensors go without a GPU
+    on_meta = MultiTaskReplayBuffer(2, 4, 3, 2, torch.device("meta"))
+    assert on_meta.device == torch.device("meta")
+    assert {t.device.type for t in on_meta.storage} == {"meta"}
+    buf = MultiTaskReplayBuffer(2, 4, 3, 2, torch.device("cpu"))
+    buf.add(_transition(2, 0))
+    batch = buf.sample(3, torch.Generator().manual_seed(0), torch.device("meta"))
+    assert {t.device.type for t in batch} == {"meta"}
+    assert batch.obs.shape == (2, 3, 3) and batch.terminated.shape == (2, 3)
+
+
+def test_indices_are_drawn_on_the_generators_device_whatever_torchs_default_device():
+    buf = MultiTaskReplayBuffer(2, 8, 3, 2, torch.device("cpu"))
+    for step in range(6):
+        buf.add(_transition(2, step))
+    expected = buf.sample(5, torch.Generator().manual_seed(4), torch.device("cpu"))
+    with torch.device("meta"):  # a default device the CPU generator cannot draw on
+        batch = buf.sample(5, torch.Generator(device="cpu").manual_seed(4), torch.device("cpu"))
+    for x, y in zip(batch, expected, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_values_of_any_numeric_type_are_stored_as_float32():
+    buf = MultiTaskReplayBuffer(1, 2, 2, 1, torch.device("cpu"))
+    buf.add(
+        Batch(
+            obs=np.array([[0.1, 2.5]]),  # float64: rounded to the nearest float32
+            action=[[1]],
+            reward=np.array([3], np.int64),
+            next_obs=torch.tensor([[0.1, -1.0]], dtype=torch.float64),
+            terminated=np.array([True]),
+            truncated=[False],
+        )
+    )
+    stored = Batch(*(store[:, 0] for store in buf.storage))
+    assert {t.dtype for t in stored} == {torch.float32}
+    assert torch.equal(stored.obs, torch.tensor([[0.1, 2.5]], dtype=torch.float32))
+    assert stored.action.tolist() == [[1.0]] and stored.reward.tolist() == [3.0]
+    assert torch.equal(stored.next_obs, torch.tensor([[0.1, -1.0]], dtype=torch.float32))
+    assert stored.terminated.tolist() == [1.0] and stored.truncated.tolist() == [0.0]
+
+
+def test_a_state_holds_exactly_the_filled_transitions_and_a_partial_ring_restores_its_cursor():
+    buf = MultiTaskReplayBuffer(2, 6, 3, 2, torch.device("cpu"))
+    for step in range(4):
+        buf.add(_transition(2, step))
+    state = buf.state_dict()
+    assert (state["cursor"], state["size"], state["capacity"]) == (4, 4, 6)
+    assert set(state) == {"cursor", "size", "capacity", *Batch._fields}
+    assert state["obs"].shape == (2, 4, 3) and state["reward"].shape == (2, 4)
+    assert state["action"][1, :, 1].tolist() == [0.0, 1.0, 2.0, 3.0]
+    restored = MultiTaskReplayBuffer(2, 6, 3, 2, torch.device("cpu"))
+    restored.load_state_dict(state)
+    restored.add(_transition(2, 9))  # written after the restored transitions, not over them
+    assert restored.storage.action[1, :, 1].tolist() == [0.0, 1.0, 2.0, 3.0, 9.0, 0.0]
+    assert (restored.size, restored.cursor) == (5, 5)

@@ -137,3 +137,39 @@ def test_an_unsafe_pickle_is_refused_with_the_first_line_of_torchs_reason(tmp_pa
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.load(path)
     assert str(err.value) == f"refused to load {path}: not a safe checkpoint ({reason})"
+
+
+def test_an_unsafe_pickle_is_refused_even_where_the_environment_lets_torch_load_any_pickle(tmp_path, monkeypatch):
+    # torch honours this variable only where a caller leaves weights_only unset
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = _save(tmp_path / "code.pt", {"format": 1, "x": _Unsafe()})
+    with pytest.raises(ckpt.CheckpointError, match="^refused to load .*: not a safe checkpoint"):
+        ckpt.load(path)
+
+
+class _RemovesTheTemporary:
+    """Pickled mid-write: another process's cleanup deletes the write in progress, then the write fails."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __reduce__(self):
+        for p in self.directory.glob(".*.tmp"):
+            p.unlink()
+        raise RuntimeError("killed mid-write")
+
+
+def test_a_failed_write_whose_temporary_is_already_gone_raises_the_write_error(tmp_path):
+    d = tmp_path / "checkpoints"
+    with pytest.raises(RuntimeError, match="^killed mid-write$"):
+        ckpt.atomic_save({"x": _RemovesTheTemporary(d)}, d / "step_0000000001.pt")
+    assert list(d.iterdir()) == []
+
+
+def test_the_step_of_a_periodic_checkpoint_is_read_from_its_name_alone(tmp_path):
+    assert ckpt.checkpoint_step(tmp_path / "checkpoints" / "step_0000012345.pt") == 12345  # no such file
+    assert ckpt.checkpoint_step("step_0000000000.pt") == 0
+    for name in ("best.pt", "step_12345.pt"):
+        with pytest.raises(ckpt.CheckpointError) as err:
+            ckpt.checkpoint_step(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name} is not a periodic checkpoint (step_<step>.pt)"

@@ -1,8 +1,10 @@
 """The registry and `make_combiner`: names, hyper-parameters and the errors a config author sees."""
 
 import dataclasses
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +15,10 @@ from mtrl.combiners import (
     check_hyper_parameters,
     make_combiner,
 )
+from mtrl.combiners.base import check_number
 from mtrl.combiners.cagrad import CAGradParameters
 from mtrl.combiners.sdmgrad import SDMGradParameters
+from mtrl.combiners.simplex import SimplexProgram
 
 TESTS = Path(__file__).parent
 
@@ -117,3 +121,62 @@ def test_gramian_of_large_gradients_over_many_parameters_stays_finite():
     result = gramian(matrix)
     assert result.dtype == torch.float64 and torch.isfinite(result).all()
     torch.testing.assert_close(result, matrix.double() @ matrix.double().T, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, given, kept",
+    [
+        ("imgrad", {"c": 1, "rescale": 2.0}, {"c": 1.0, "rescale": 2}),
+        ("sdmgrad", {"lam": 1}, {"lam": 1.0}),
+        ("sdmgrad_os", {"lam": 2, "n": np.int64(3)}, {"lam": 2.0, "n": 3}),
+    ],
+)
+def test_numeric_hyper_parameters_are_kept_in_their_checked_form(name, given, kept):
+    parameters = make_combiner(name, **given).hyper_parameters
+    for key, value in kept.items():
+        assert parameters[key] == value and type(parameters[key]) is type(value), (key, parameters[key])
+
+
+def test_a_half_open_range_is_written_as_such_in_the_refusal():
+    with pytest.raises(ValueError, match=re.escape("`x` must be in (0, 1), found 1.0")):
+        check_number("x", 1.0, low=0.0, high=1.0, low_open=True, high_open=True)
+    with pytest.raises(ValueError, match=re.escape("`x` must be in [0, 1], found 2")):
+        check_number("x", 2, low=0.0, high=1.0)
+
+
+def test_every_hyper_parameter_has_the_help_that_train_help_prints():
+    for name in COMBINERS:
+        for f in dataclasses.fields(make_combiner(name).parameters):
+            assert f.metadata["help"].strip(), (name, f.name)
+
+
+def test_a_simplex_programs_objective_at_a_batch_of_points():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    linear, quadratic, root = torch.randn(3, generator=g, dtype=torch.float64), a @ a.T, b @ b.T
+    program = SimplexProgram(size=3, linear=linear, quadratic=quadratic, root_weight=0.7, root_matrix=root)
+    points = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.0, 0.4, 0.6]], dtype=torch.float64)
+    expected = [float(x @ linear + 0.5 * x @ quadratic @ x + 0.7 * (x @ root @ x).sqrt()) for x in points]
+    assert program.value(points).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_combiner_shows_its_name_and_hyper_parameters():
+    assert repr(make_combiner("cagrad", c=0.3)) == "CAGrad(c=0.3, rescale=1, solver='exact')"
+    assert repr(make_combiner("mean")) == "Mean()"
+
+
+def test_mean_weights_every_task_alike():
+    gramian = torch.tensor([[4.0, -1.0, 0.0], [-1.0, 1.0, 0.5], [0.0, 0.5, 9.0]], dtype=torch.float64)
+    assert make_combiner("mean").weights(gramian).tolist() == [1 / 3] * 3
+
+
+def test_random_draws_are_made_on_the_generators_device_whatever_torchs_default_device():
+    gramian = torch.tensor([[4.0, -1.0, 0.5], [-1.0, 1.0, 0.2], [0.5, 0.2, 2.0]], dtype=torch.float64)
+    pcgrad, sdmgrad_os = make_combiner("pcgrad"), make_combiner("sdmgrad_os", n=2)
+    expected = pcgrad.weights(gramian, torch.Generator().manual_seed(3))
+    drawn = sdmgrad_os.select_tasks(6, torch.Generator().manual_seed(1))
+    with torch.device("meta"):  # a default device with no data, where the CPU generators cannot draw
+        selected = make_combiner("mean").select_tasks(4, torch.Generator(device="cpu"))
+        assert torch.equal(pcgrad.weights(gramian, torch.Generator(device="cpu").manual_seed(3)), expected)
+        assert torch.equal(sdmgrad_os.select_tasks(6, torch.Generator(device="cpu").manual_seed(1)), drawn)
+    assert selected.device == torch.device("cpu") and selected.tolist() == [0, 1, 2, 3]

@@ -15,7 +15,7 @@ import pytest
 from mtrl.cli import main
 from mtrl.config import load_config
 from mtrl.envs import make_backend
-from mtrl.evaluation import Evaluator, evaluate
+from mtrl.evaluation import EvalResult, Evaluator, evaluate
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import TOY_OVERRIDES, toy_config
@@ -102,3 +102,15 @@ def test_one_episode_per_task_is_a_valid_evaluation_and_zero_is_refused():
     for make in (lambda: Evaluator(backend, 0), lambda: evaluate(GoalRecorder(backend.num_tasks), backend, 0)):
         with pytest.raises(ValueError, match="^episodes must be >= 1, found 0$"):
             make()
+
+
+def test_an_evaluations_log_record_dictionary_and_console_line():
+    per_task = {"b": {"success": 1.0, "return": 20.0}, "a": {"success": 0.0, "return": 4.0}}
+    result = EvalResult(mean_success=0.5, mean_return=12.0, per_task=per_task)
+    record = result.metrics(["a", "b"])  # per-task vectors in the order asked for
+    assert set(record) == {"eval/mean_success", "eval/mean_return", "eval/success", "eval/return"}
+    assert (record["eval/mean_success"], record["eval/mean_return"]) == (0.5, 12.0)
+    assert record["eval/success"].tolist() == [0.0, 1.0] and record["eval/return"].tolist() == [4.0, 20.0]
+    assert result.to_dict() == {"mean_success": 0.5, "mean_return": 12.0, "per_task": per_task}
+    assert EvalResult(**result.to_dict()) == result
+    assert result.summary(step=300, episodes=4) == "step 300: eval success 0.500, return 12.0 (4 episodes per task)"

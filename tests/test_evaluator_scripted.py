@@ -64,7 +64,7 @@ class ScriptedAgent:
         return 10 * observations[:, :1] + 1
 
     def reset(self, env_mask: np.ndarray) -> None:
-        self.resets.append(np.array(env_mask, dtype=bool))
+        self.resets.append(np.array(env_mask))  # a copy, of the type given
 
 
 # Sub-envs pose as Meta-World tasks so that `metaworld.evaluation` can name them too.
@@ -113,6 +113,7 @@ def test_success_at_any_step_of_the_first_episodes_counts():
     # the evaluation ran until the slowest task (6-step episodes) had finished its 2 episodes: 12 steps
     assert list(envs.get_attr("episode")) == [6, 2, 4]  # index of the episode begun last, by auto-reset
     assert len(agent.resets) == 1 + 12 and agent.resets[0].all()
+    assert {m.dtype for m in agent.resets} == {np.dtype(bool)}  # boolean masks, fit to index per-env state
     # the agent is reset for exactly the sub-envs whose episode ended: 6, 2 and 4 of them
     np.testing.assert_array_equal(np.sum(agent.resets[1:], axis=0), [6, 2, 4])
 
