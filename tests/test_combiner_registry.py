@@ -173,10 +173,13 @@ def test_mean_weights_every_task_alike():
 def test_random_draws_are_made_on_the_generators_device_whatever_torchs_default_device():
     gramian = torch.tensor([[4.0, -1.0, 0.5], [-1.0, 1.0, 0.2], [0.5, 0.2, 2.0]], dtype=torch.float64)
     pcgrad, sdmgrad_os = make_combiner("pcgrad"), make_combiner("sdmgrad_os", n=2)
-    expected = pcgrad.weights(gramian, torch.Generator().manual_seed(3))
+    keys = pcgrad.draw(3, torch.Generator().manual_seed(3))
+    expected = pcgrad.weights(gramian, keys)
     drawn = sdmgrad_os.select_tasks(6, torch.Generator().manual_seed(1))
     with torch.device("meta"):  # a default device with no data, where the CPU generators cannot draw
         selected = make_combiner("mean").select_tasks(4, torch.Generator(device="cpu"))
-        assert torch.equal(pcgrad.weights(gramian, torch.Generator(device="cpu").manual_seed(3)), expected)
+        keys_here = pcgrad.draw(3, torch.Generator(device="cpu").manual_seed(3))
+        assert keys_here.device == torch.device("cpu") and torch.equal(keys_here, keys)
+        assert torch.equal(pcgrad.weights(gramian, keys_here), expected)
         assert torch.equal(sdmgrad_os.select_tasks(6, torch.Generator(device="cpu").manual_seed(1)), drawn)
     assert selected.device == torch.device("cpu") and selected.tolist() == [0, 1, 2, 3]

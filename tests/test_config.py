@@ -234,7 +234,7 @@ def test_validation_checks_hyper_parameters_without_building_the_combiner(monkey
         def __init__(self, parameters: HyperParameters | None = None) -> None:
             raise AssertionError("the config built the combiner")
 
-        def weights(self, gramian: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        def weights(self, gramian: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
             return gramian.new_full((gramian.shape[0],), 1.0)
 
     monkeypatch.setitem(COMBINERS, "scaled", Scaled)
