@@ -77,11 +77,13 @@ class NetworkOptimizer(ABC):
 
     def step_where(self, task_gradients: Tensor | None, drawn: Tensor | None, finite: Tensor) -> None:
         """`step`, taken only where `finite` (a 0-d bool tensor) holds, with no host synchronisation."""
-        rows = None
-        if self.params.task:
-            k = next(iter(self.params.task.values())).shape[0]
-            rows = finite.expand(k) if drawn is None else finite & _drawn_mask(k, drawn)
+        rows = self._rows(finite, drawn) if self.params.task else None
         self._step_where(task_gradients, finite, rows)
+
+    def _rows(self, finite: Tensor, drawn: Tensor | None) -> Tensor:
+        """[K] bool: whether task k's slices may step."""
+        k = next(iter(self.params.task.values())).shape[0]
+        return finite.expand(k) if drawn is None else finite & _drawn_mask(k, drawn)
 
     @abstractmethod
     def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
@@ -272,8 +274,8 @@ def _prepare_adam(adam: torch.optim.Optimizer) -> None:
         state = adam.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=_scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] = state["step"].to(p.device)
 
 

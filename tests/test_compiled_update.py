@@ -277,3 +277,60 @@ def test_an_update_without_diagnostics_reports_no_combiner_metrics(device_steps)
     assert plain.metrics and not any(key.startswith("combiner/") for key in plain.metrics)
     diagnosed = update(make_batch(2), generator, combiner_generator, diagnostics=True)
     assert any(key.startswith("combiner/") for key in diagnosed.metrics)
+
+
+def _state_layout(optimization: Optimization) -> list[tuple]:
+    return [
+        (key, value.dtype, value.device, tuple(value.shape))
+        for optimizer in optimization.optimizers()
+        for state in optimizer.state.values()
+        for key, value in sorted(state.items())
+    ]
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("optimizer", ["adam", "adatask"])
+def test_state_made_for_device_steps_is_the_state_the_optimizers_make(optimizer, default_dtype):
+    """The same keys, dtypes (step counts follow torch's default dtype, as in torch.optim), shapes and
+    devices as after an eager first step: checkpoints of either path load into the other."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        eager = make_update("multihead", optimizer=optimizer)
+        eager(make_batch(1), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
+        prepared = make_update("multihead", optimizer=optimizer)
+        prepared.optimization.prepare_device_steps()
+    finally:
+        torch.set_default_dtype(previous)
+    assert _state_layout(prepared.optimization) == _state_layout(eager.optimization)
+    tensors = prepared.optimization.state_tensors()  # what a CUDA graph must hold at fixed addresses
+    assert len(tensors) == len(_state_layout(prepared.optimization))
+    held = [v for o in prepared.optimization.optimizers() for state in o.state.values() for v in state.values()]
+    assert all(any(t is v for v in held) for t in tensors)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adatask"])
+def test_device_steps_keep_every_tensor_on_the_parameters_device(optimizer):
+    """On torch's meta device (shapes, no data): the state, the step counts and the undrawn-task mask
+    are made where the parameters live, so nothing crosses to the host on a GPU."""
+    with torch.device("meta"):
+        update = make_update("multihead", optimizer=optimizer)
+    optimization = update.optimization
+    optimization.prepare_device_steps()
+    assert {device.type for _, _, device, _ in _state_layout(optimization)} == {"meta"}
+    finite = torch.ones((), dtype=torch.bool, device="meta")
+    for net in ("critic", "actor", "alpha"):
+        for p in update.agent.params[net].all():
+            p.grad = torch.zeros_like(p)
+        matrix = torch.zeros(K, sum(p.numel() for p in update.agent.params[net].shared.values()), device="meta")
+        optimization.step_where(net, matrix, torch.tensor([0, 2], device="meta"), finite)
+    assert {p.device.type for p in update.agent.parameters()} == {"meta"}
+    assert {device.type for _, _, device, _ in _state_layout(optimization)} == {"meta"}
+
+
+def test_adatask_device_steps_need_the_task_gradients():
+    update = make_update("multihead", optimizer="adatask")
+    update.optimization.prepare_device_steps()
+    finite = torch.ones((), dtype=torch.bool)
+    with pytest.raises(ValueError, match="^AdaTask steps on the per-task gradient matrix; none was given$"):
+        update.optimization.step_where("critic", None, None, finite)
