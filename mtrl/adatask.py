@@ -57,7 +57,7 @@ class AdaTask(torch.optim.Optimizer):
                 offset += p.numel()
                 state = self.state[p]
                 if not state:
-                    self._new_state(p, state, step_device=torch.device("cpu"))
+                    self._new_state(p, state)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 new_m = m.lerp(grad, 1 - beta1)
                 new_v = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -82,12 +82,13 @@ class AdaTask(torch.optim.Optimizer):
         for p in self._params():
             state = self.state[p]
             if not state:
-                self._new_state(p, state, step_device=p.device)
+                self._new_state(p, state)
             state["step"] = state["step"].to(p.device)
 
-    def _new_state(self, p: torch.nn.Parameter, state: dict, step_device: torch.device) -> None:
+    def _new_state(self, p: torch.nn.Parameter, state: dict) -> None:
+        """Zero moments on the parameter's device; the step count on the CPU, where an eager step reads it."""
         k = self.defaults["num_tasks"]
-        state["step"] = torch.zeros((), dtype=torch.float64, device=step_device)
+        state["step"] = torch.zeros((), dtype=torch.float64)
         state["exp_avg"] = torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
 

@@ -55,7 +55,7 @@ def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     `autograd.grad`) the same gradient comes from `torch.func.grad`, like the Jacobian's.
     """
     if torch.compiler.is_compiling():
-        return _mean_backward_traceable(objective)
+        return mean_backward_functional(objective)
     o = objective
     losses, aux = vmap(o.loss_fn, in_dims=_IN_DIMS)(dict(o.shared), dict(o.task), o.inputs, o.consts)
     params = o.parameters()
@@ -67,7 +67,8 @@ def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     return losses.detach(), aux
 
 
-def _mean_backward_traceable(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
+def mean_backward_functional(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
+    """`mean_backward` through `torch.func.grad`, which torch.compile traces (the same `.grad`)."""
     o = objective
 
     def summed_loss(shared: Params, task: Params):
@@ -90,7 +91,6 @@ class TaskGradients:
     task: Params  # task-specific gradients, leading dimension k
     losses: torch.Tensor  # [k]
     aux: Any
-    tasks: torch.Tensor | None  # which tasks the rows belong to (None: all, in order)
 
 
 def task_jacobian(objective: TaskObjective, tasks: torch.Tensor | None = None) -> TaskGradients:
@@ -112,7 +112,7 @@ def task_jacobian(objective: TaskObjective, tasks: torch.Tensor | None = None) -
     (g_shared, g_task), (losses, aux) = vmap(per_task_grad, in_dims=_IN_DIMS)(shared, task, inputs, o.consts)
     k = inputs[0].shape[0]
     matrix = torch.cat([g.reshape(k, -1) for g in g_shared.values()], dim=1) if g_shared else None
-    return TaskGradients(matrix, g_task, losses, aux, tasks)
+    return TaskGradients(matrix, g_task, losses, aux)
 
 
 def write_shared_grad(params: dict[str, torch.nn.Parameter], update: torch.Tensor) -> None:

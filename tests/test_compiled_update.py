@@ -288,7 +288,7 @@ def _state_layout(optimization: Optimization) -> list[tuple]:
     ]
 
 
-@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64, torch.float16])  # float16: counts in float32
 @pytest.mark.parametrize("optimizer", ["adam", "adatask"])
 def test_state_made_for_device_steps_is_the_state_the_optimizers_make(optimizer, default_dtype):
     """The same keys, dtypes (step counts follow torch's default dtype, as in torch.optim), shapes and

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian, write_shared_grad, write_task_grads
+from mtrl.jacobian import (
+    TaskObjective,
+    mean_backward,
+    mean_backward_functional,
+    task_jacobian,
+    write_shared_grad,
+    write_task_grads,
+)
 from mtrl.networks import TwinCritic, task_parameter_names
 
 K, B, OBS, ACT = 4, 6, 5, 2
@@ -57,11 +64,17 @@ def test_jacobian_rows_equal_per_task_autograd(multihead):
     assert bool(multihead) == bool(objective.task)
 
 
+@pytest.mark.parametrize("backward", [mean_backward, mean_backward_functional])
 @pytest.mark.parametrize("multihead", [False, True])
-def test_mean_stage_equals_plain_mean_loss_backward(multihead):
+def test_mean_stage_equals_plain_mean_loss_backward(multihead, backward):
+    """Both forms (autograd eagerly, torch.func while compiling), against `loss.mean().backward()`."""
     critic, objective = _objective(multihead)
-    mean_backward(objective)
+    losses, aux = backward(objective)
     staged = {n: p.grad.clone() for n, p in critic.named_parameters()}
+    expected_losses, expected_aux = task_jacobian(objective).losses, task_jacobian(objective).aux
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(aux, expected_aux, rtol=1e-12, atol=1e-14)
+    assert not losses.requires_grad
     critic.zero_grad(set_to_none=True)
 
     obs, act, target = objective.inputs
