@@ -18,7 +18,7 @@ import torch
 from mtrl.buffer import Batch
 from mtrl.combiners import Combiner, make_combiner
 from mtrl.config import AgentConfig
-from mtrl.jacobian import mean_backward, task_jacobian
+from mtrl.jacobian import mean_backward, mean_backward_functional, task_jacobian
 from mtrl.networks import squashed_sample
 from mtrl.optim import Optimization
 from mtrl.sac import MTSAC, SACUpdate, policy_noise, polyak_update, soft_bellman_target
@@ -134,6 +134,20 @@ def test_actor_losses_and_gradients_equal_a_plain_loop_against_the_tasks_own_q_h
     assert_matches_reference(objective, reference_rows(loss, shared, task))
     for p in agent.critic.parameters():  # the actor loss leaves the critic alone
         assert p.grad is None
+
+
+@pytest.mark.parametrize("variant", ["conditioned", "multihead"])
+def test_the_functional_mean_backward_of_the_actor_loss_is_the_eager_one(variant):
+    """The actor loss holds the critic's shared weights as constants: the form used while compiling
+    (torch.func) must see them as the eager form does."""
+    agent, batch, eps = make_agent(variant), make_batch(), noise(3)
+    eager_losses, _ = mean_backward(agent.actor_objective(batch, eps))
+    eager = {name: p.grad.clone() for name, p in agent.actor.named_parameters()}
+    agent.zero_grad(set_to_none=True)
+    losses, _ = mean_backward_functional(agent.actor_objective(batch, eps))
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-12, atol=1e-14)
+    for name, p in agent.actor.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
 def test_multihead_actor_would_differ_if_it_maximised_every_tasks_q_head():
