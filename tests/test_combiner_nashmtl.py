@@ -119,6 +119,10 @@ def test_a_non_finite_matrix_leaves_the_warm_start_as_it_was():
     assert torch.equal(combiner(second), clean(second))
 
 
+def test_a_combiner_that_never_ran_has_an_empty_state():
+    assert make_combiner("nashmtl").state_dict() == {}
+
+
 def test_a_new_task_count_starts_cold():
     combiner = make_combiner("nashmtl")
     combiner(conflicting(8, 30, 6))

@@ -4,6 +4,7 @@ drawn from the caller's generator, against the projections run on the n-vectors 
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from mtrl.combiners import make_combiner
@@ -94,3 +95,11 @@ def test_golden_values():
     # g1 = (1, 0), g2 = (−1, 1): g1' = g1 + ½g2 = (½, ½), g2' = g2 + g1 = (0, 1), d = (¼, ¾).
     matrix = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
     assert_close(make_combiner("pcgrad")(matrix), torch.tensor([0.25, 0.75], dtype=torch.float64), rtol=1e-15)
+
+
+def test_weights_without_keys_are_refused():
+    gramian = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"^PCGrad needs its random keys: call it with a generator, or with `draws` from `draw`$"
+    ):
+        make_combiner("pcgrad").weights(gramian)
