@@ -139,16 +139,12 @@ class AdaTaskOptimizer(NetworkOptimizer):
         return self.adam
 
     def _step(self, task_gradients: Tensor | None) -> None:
-        if task_gradients is None:
-            raise ValueError("AdaTask steps on the per-task gradient matrix; none was given")
-        self.adatask.step_tasks(task_gradients)
+        self.adatask.step_tasks(_required(task_gradients))
         if self.adam is not None:
             self.adam.step()
 
     def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
-        if task_gradients is None:
-            raise ValueError("AdaTask steps on the per-task gradient matrix; none was given")
-        self.adatask.step_tasks(task_gradients, where=finite)
+        self.adatask.step_tasks(_required(task_gradients), where=finite)
         if self.adam is not None:
             adam_step_where(self.adam, self.params._replace(shared={}), finite, rows)
 
@@ -186,6 +182,7 @@ class Optimization:
         if missing:
             raise ValueError(f"no learning rate for network(s) {missing}")
         self.grad_clip_norm = grad_clip_norm
+        self._device_steps_ready = False
         self.networks: dict[str, NetworkOptimizer] = {}
         for name, params in networks.items():
             if optimizer == "adatask" and params.shared:
@@ -226,18 +223,24 @@ class Optimization:
         _check_parts(state, list(self.networks))
         for name, optimizer in self.networks.items():
             optimizer.load_state_dict(state[name])
+        self._device_steps_ready = False  # loaded state may hold its step counts on the host
 
-    def prepare_device_steps(self) -> None:
-        """Create every optimizer's state now, each tensor on its parameter's device, for `step_where`.
+    def prepare_device_steps(self) -> bool:
+        """Create every optimizer's state now, each tensor on its parameter's device, for `step_where`;
+        whether it did (it does once, and again after `load_state_dict`).
 
         A compiled update must not create state lazily inside the graph, and a step count on the host
         would be read back at every step.
         """
+        if self._device_steps_ready:
+            return False
         for optimizer in self.optimizers():
             if isinstance(optimizer, AdaTask):
                 optimizer.prepare_state()
             else:
                 _prepare_adam(optimizer)
+        self._device_steps_ready = True
+        return True
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor of the optimizers' state (what a CUDA graph must treat as fixed memory)."""
@@ -261,6 +264,12 @@ class _Slices(NamedTuple):
     undrawn: Tensor  # [K] bool
     value: Tensor  # the parameter before the step
     moments: dict[str, Tensor]  # its moments before the step (absent: the step creates them)
+
+
+def _required(task_gradients: Tensor | None) -> Tensor:
+    if task_gradients is None:
+        raise ValueError("AdaTask steps on the per-task gradient matrix; none was given")
+    return task_gradients
 
 
 def _drawn_mask(k: int, drawn: Tensor) -> Tensor:

@@ -346,24 +346,26 @@ class SACUpdate:
         tasks = self.draw_tasks(k, combiner_generator, device)
         actor_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         draws = self.draw_combiner(k if tasks is None else tasks.numel(), combiner_generator, device)
-        if self._device_update is not None:
-            self.optimization.prepare_device_steps()
-            if self.compile == "reduce-overhead":
-                for state in self.optimization.state_tensors():  # updated in place by every replay
-                    torch._dynamo.mark_static_address(state)
-                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-            finite, metrics = self._device_update(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-            if self.compile == "reduce-overhead":
-                # A CUDA graph's outputs are overwritten by its next replay: the combiner keeps some
-                # (a warm start, the last weights) past it, and the metrics are read at the next log.
-                _copy_tensor_attributes(self.combiner)
-            return UpdateResult(bool(finite), {key: value.clone() for key, value in metrics.items()})
-        gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-        finite = bool(gradients.finite)  # the update's one host synchronisation
-        if finite:
-            self.step(gradients)
-        self.agent.zero_grad(set_to_none=True)
-        return UpdateResult(finite, gradients.metrics)
+        if self._device_update is None:
+            gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
+            finite = bool(gradients.finite)  # the update's one host synchronisation
+            if finite:
+                self.step(gradients)
+            self.agent.zero_grad(set_to_none=True)
+            return UpdateResult(finite, gradients.metrics)
+        graphs = self.compile == "reduce-overhead"
+        if self.optimization.prepare_device_steps() and graphs:
+            for state in self.optimization.state_tensors():  # updated in place by every replay
+                torch._dynamo.mark_static_address(state)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
+        finite, metrics = self._device_update(batch, next_noise, actor_noise, tasks, draws, diagnostics)
+        if graphs:
+            # A CUDA graph's outputs are overwritten by its next replay: the combiner keeps some
+            # (a warm start, the last weights) past it, and the metrics are read at the next log.
+            _copy_tensor_attributes(self.combiner)
+            metrics = {key: value.clone() for key, value in metrics.items()}
+        return UpdateResult(bool(finite), metrics)
 
     def apply(
         self,
@@ -381,15 +383,9 @@ class SACUpdate:
         (`Optimization.prepare_device_steps`). Same arithmetic as `gradients` + `step`.
         """
         gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-        finite = gradients.finite
-        for net, grads, drawn in self._steps(gradients):
-            task_gradients = self.optimization.clip(net, grads.matrix)
-            for hook in self.hooks:
-                hook.on_step(net, self.agent.params[net].all())
-            self.optimization.step_where(net, task_gradients, drawn, finite)
-        polyak_update_where(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau, finite)
+        self.step(gradients, where=gradients.finite)
         self.agent.zero_grad(set_to_none=True)
-        return finite, gradients.metrics
+        return gradients.finite, gradients.metrics
 
     def draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
         """The tasks this update's combined losses use (None: all of them), drawn before any gradient."""
@@ -476,24 +472,27 @@ class SACUpdate:
             hook.on_gradients(net, objective.parameters())
         return grads
 
-    def step(self, gradients: UpdateGradients) -> None:
-        """Clip and step every network, then move the target critics.
+    def step(self, gradients: UpdateGradients, where: Tensor | None = None) -> None:
+        """Clip and step every network, then move the target critics; with `where` (a 0-d bool
+        tensor), all of it only where it holds, decided on the device.
 
         Tasks that took no part in a network's losses keep its task-specific slices and their
         optimizer moments; a task's temperature follows its actor loss.
         """
-        for net, grads, drawn in self._steps(gradients):
-            task_gradients = self.optimization.clip(net, grads.matrix)
-            for hook in self.hooks:
-                hook.on_step(net, self.agent.params[net].all())
-            self.optimization.step(net, task_gradients, drawn)
-        polyak_update(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau)
-
-    @staticmethod
-    def _steps(gradients: UpdateGradients) -> list[tuple[str, NetworkGradients, Tensor | None]]:
-        """Each network's gradients and the tasks its step may move; a task's temperature follows its actor loss."""
-        return [
+        steps = (
             ("critic", gradients.critic, gradients.critic.drawn),
             ("actor", gradients.actor, gradients.actor.drawn),
             ("alpha", gradients.alpha, gradients.actor.drawn),
-        ]
+        )
+        for net, grads, drawn in steps:
+            task_gradients = self.optimization.clip(net, grads.matrix)
+            for hook in self.hooks:
+                hook.on_step(net, self.agent.params[net].all())
+            if where is None:
+                self.optimization.step(net, task_gradients, drawn)
+            else:
+                self.optimization.step_where(net, task_gradients, drawn, where)
+        if where is None:
+            polyak_update(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau)
+        else:
+            polyak_update_where(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau, where)

@@ -334,3 +334,19 @@ def test_adatask_device_steps_need_the_task_gradients():
     finite = torch.ones((), dtype=torch.bool)
     with pytest.raises(ValueError, match="^AdaTask steps on the per-task gradient matrix; none was given$"):
         update.optimization.step_where("critic", None, None, finite)
+
+
+def test_state_for_device_steps_is_made_once_and_again_after_a_load():
+    """Not on every update (the hot path), but again after `load_state_dict` (a resume), whose step
+    counts come back on the host."""
+    update = _update("adatask-clipped", device_steps=True)
+    optimization = update.optimization
+    assert optimization.prepare_device_steps() and not optimization.prepare_device_steps()
+    _run(update, BATCHES[:1])
+    saved = optimization.state_dict()
+    optimization.load_state_dict(saved)
+    assert optimization.prepare_device_steps() and not optimization.prepare_device_steps()
+    # the loaded state goes on counting: a second update is the second step of every optimizer
+    assert [r.finite for r in _run(update, BATCHES[1:2])] == [True]
+    counts = {float(s["step"]) for o in optimization.optimizers() for s in o.state.values()}
+    assert counts == {2.0}
