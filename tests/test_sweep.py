@@ -150,7 +150,7 @@ BAD_SPECS = [
     ({"seeds": [0, 0]}, "seeds: expected a non-empty list of distinct integers >= 0, found [0, 0]"),
     ({"seeds": [True]}, "seeds: expected a non-empty list of distinct integers >= 0"),
     ({"name": ""}, "name: expected a non-empty string"),
-    ({"command": "eval"}, "command: must be one of train, baseline; found 'eval'"),
+    ({"command": "eval"}, "command: expected one of train, baseline, found 'eval'"),
     ({"presets": []}, "presets: expected a non-empty list of config file paths"),
     ({"grid": {"agent.tau": 0.01}}, "grid.agent.tau: expected a non-empty list of values, found 0.01"),
     ({"grid": {"agent.tau": [0.01, 0.01]}}, "grid.agent.tau: duplicate values"),
