@@ -10,7 +10,6 @@ the driver shares. The outcome comes back as an `AttemptResult`; the driver deci
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtrl import rundir
 from mtrl.sweep.trials import Trial, saved_step
 
 EVENTS_FILE = "sweep_events.jsonl"
@@ -69,23 +69,9 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _append_event(run_dir: Path, record: dict[str, Any]) -> None:
-    with (run_dir / EVENTS_FILE).open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """The trial's attempt starts and exits, every run of the sweep, oldest first."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return out
+    return rundir.read_records(Path(run_dir) / EVENTS_FILE)
 
 
 def _last_line(path: Path) -> str:
@@ -129,7 +115,8 @@ def run_attempt(job: TrialJob) -> AttemptResult:
         )
     (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
     event = {"sweep": job.sweep_id, "attempt": attempt, "host": host, "pid": proc.pid, "time": started}
-    _append_event(run_dir, {"event": "start" if step is None else "resume", "step": step or 0, **event})
+    events = run_dir / EVENTS_FILE
+    rundir.append_record(events, {"event": "start" if step is None else "resume", "step": step or 0, **event})
     code: int | None = None
     cancelled = False
     try:
@@ -147,7 +134,7 @@ def run_attempt(job: TrialJob) -> AttemptResult:
         (run_dir / PID_FILE).unlink(missing_ok=True)
         reached = saved_step(job.command, run_dir) or 0
         exit_event = {"event": "exit", "code": code, "step": reached, "cancelled": cancelled}
-        _append_event(run_dir, {**exit_event, **event, "time": time.time()})
+        rundir.append_record(events, {**exit_event, **event, "time": time.time()})
     if code == 0 and reached == job.total_steps:
         return AttemptResult("finished", attempt)
     ended = describe_exit(code) if code else f"exited at step {reached} of {job.total_steps}"

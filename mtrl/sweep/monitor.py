@@ -10,11 +10,11 @@ summary without losing it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtrl import rundir
 from mtrl.sweep.attempt import AttemptResult, describe_exit, read_events
 from mtrl.sweep.spec import SweepSpec
 from mtrl.sweep.trials import Trial, saved_step
@@ -32,7 +32,7 @@ class MetricsTail:
     """
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / rundir.METRICS_FILE
         self._reset(None)
 
     def _reset(self, inode: int | None) -> None:
@@ -53,11 +53,7 @@ class MetricsTail:
             chunk = f.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
-        for line in complete.splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for record in rundir.parse_records(complete.splitlines()):
             self.step = max(self.step, int(record.get("step", 0)))
             success = record.get("eval/mean_success")
             if record.get("kind") == "eval" and success is not None:
@@ -269,16 +265,9 @@ def summary_markdown(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_summary(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     text = summary_markdown(spec, rows)
-    spec.root.mkdir(parents=True, exist_ok=True)
     payload = {"name": spec.name, "command": str(spec.command), "root": str(spec.root), "trials": rows}
-    _write_atomic(spec.root / SUMMARY_MD, text)
-    _write_atomic(spec.root / SUMMARY_JSON, json.dumps(payload, indent=2) + "\n")
+    rundir.atomic_write(spec.root / SUMMARY_MD, text)
+    rundir.atomic_write(spec.root / SUMMARY_JSON, json.dumps(payload, indent=2) + "\n")
     return text

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mtrl import rundir
 from mtrl.config import Config, ConfigError
 from mtrl.sweep.spec import SweepSpec, spec_error, yaml_value
 
@@ -156,30 +155,16 @@ def saved_step(command: str, run_dir: Path) -> int | None:
     return None if latest is None else ckpt.checkpoint_step(latest)
 
 
-def _saved_config(command: str, run_dir: Path) -> Config:
-    """The run's config.yaml (written before its first checkpoint); a baseline run's also names its method."""
-    from mtrl.config import config_from_dict
-
-    path = run_dir / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {path}: {type(err).__name__}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a run config")
-    if (data.pop("method", None) is None) != (command == "train"):
-        raise ConfigError(f"{path} is not the config of an `mtrl {command}` run")
-    return config_from_dict(data)
-
-
 def run_progress(trial: Trial) -> int | None:
     """The step the trial's run can resume from (None: nothing to resume), after checking it is this trial's run."""
+    from mtrl.config import config_from_dict
+
     where = f"trial {trial.name}: {trial.run_dir}"
     step = saved_step(trial.command, trial.run_dir)
-    if step is None and not (trial.run_dir / "config.yaml").is_file():
+    if step is None and not (trial.run_dir / rundir.CONFIG_FILE).is_file():
         return None
     try:
-        saved = _saved_config(trial.command, trial.run_dir)
+        saved = config_from_dict(rundir.read_config(trial.run_dir, trial.command))
     except ConfigError as err:
         raise ConfigError(f"{where} holds another run: {err}; move it away or change root") from None
     if step is None:  # started, but killed before its first checkpoint: it starts again
