@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -101,31 +102,28 @@ def root_lock(root: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None, num_gpus: int | None) -> Iterator[Any]:
     """An initialised Ray: a local instance of our own (no dashboard), or the cluster at `address`."""
+    # A new local Ray turns token authentication on unless RAY_AUTH_MODE says otherwise, and warns about it
+    # on every start. Asking for that same default explicitly keeps the protection and the log quiet. Ray
+    # reads the variable once, when it is imported: set later, it would disagree with the cluster it starts.
+    # Ray leaves it set once it turned authentication on; so does the sweep.
+    if address is None and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
         raise ConfigError("mtrl sweep needs Ray: pip install 'mtrl[sweep]'") from None
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # trial output goes to train.log
-    # A new local Ray turns token authentication on unless RAY_AUTH_MODE says otherwise, and warns about
-    # it on every start. Asking for that same default explicitly keeps the protection and the log quiet.
-    set_auth = address is None and "RAY_AUTH_MODE" not in os.environ
-    if set_auth:
-        os.environ["RAY_AUTH_MODE"] = "token"
-    try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
-        else:
-            try:
-                ray.init(address=address, **quiet)
-            except ConnectionError as err:
-                raise ConfigError(f"--address {address}: {str(err).splitlines()[0]}") from None
+    if address is None:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
+    else:
         try:
-            yield ray
-        finally:
-            ray.shutdown()
+            ray.init(address=address, **quiet)
+        except ConnectionError as err:
+            raise ConfigError(f"--address {address}: {str(err).splitlines()[0]}") from None
+    try:
+        yield ray
     finally:
-        if set_auth:
-            os.environ.pop("RAY_AUTH_MODE", None)
+        ray.shutdown()
 
 
 def _check_cluster(ray: Any, spec: SweepSpec, local: bool) -> None:
