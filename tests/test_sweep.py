@@ -30,6 +30,7 @@ import yaml
 from mtrl import checkpoint as ckpt
 from mtrl import sweep
 from mtrl.cli import main
+from mtrl.config import LogConfig
 from mtrl.logger import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import TOY_OVERRIDES, nested_config
@@ -111,6 +112,21 @@ def test_grid_expands_presets_x_values_x_seeds(tmp_path):
     ]
     assert spec.max_retries == 2 and spec.command == "train"
     assert not root.exists()
+
+
+@pytest.mark.skipif(not hasattr(LogConfig(), "wandb"), reason="no W&B tracking keys in this config")
+def test_tracked_trials_are_grouped_by_the_sweep_name(tmp_path):
+    tracked = write_preset(tmp_path / "tracked.yaml", "log.wandb=true")
+    grouped = write_preset(tmp_path / "grouped.yaml", "log.wandb=true", "log.wandb_group=mine")
+    untracked = write_preset(tmp_path / "untracked.yaml")
+    path = write_spec(tmp_path / "spec.yaml", name="mt10 sweep", presets=[str(tracked), str(grouped), str(untracked)])
+    trials = sweep.expand(sweep.load_spec(path))
+    assert [t.config.log.wandb_group for t in trials] == ["mt10 sweep", "mine", None]
+    assert [t.overrides[-1] for t in trials] == [
+        "log.wandb_group=mt10 sweep",
+        "train.torch_threads=1",
+        "train.torch_threads=1",
+    ]
 
 
 def test_relative_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
