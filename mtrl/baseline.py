@@ -156,6 +156,12 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def saved_step(run_dir: Path) -> int | None:
+    """The step a baseline run resumes from (its last committed chunk), or None when RUN_DIR holds none."""
+    state = read_state(run_dir)
+    return None if state is None else int(state["step"])
+
+
 def is_finished(run_dir: Path) -> bool:
     """Whether RUN_DIR holds a baseline run that reached its step budget."""
     state = read_state(run_dir)
