@@ -21,6 +21,7 @@ from mtrl.report import (
     overall_mean,
     stratified_bootstrap,
 )
+from mtrl.report.markdown import render_markdown
 
 TASKS = ["t0", "t1", "t2", "t3"]
 
@@ -180,10 +181,10 @@ def test_benchmarks_and_single_task_runs_merge_into_seeds(tmp_path: Path):
 
 
 def test_pngs_are_images_and_report_is_reproducible(sweep: Path, tmp_path: Path):
-    outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        assert main(["report", str(sweep), "--out", str(out), "--reps", "100", "--seed", "3"]) == 0
-    assert (outs[0] / "report.md").read_text() == (outs[1] / "report.md").read_text()
+    outs = [tmp_path / "a"]
+    assert main(["report", str(sweep), "--out", str(outs[0]), "--reps", "100", "--seed", "3"]) == 0
+    again = render_markdown(build_report([sweep], reps=100, seed=3), reps=100, seed=3)
+    assert (outs[0] / "report.md").read_text() == again
     pngs = sorted(p.name for p in outs[0].glob("*.png"))
     assert pngs == [
         "MT10_aggregates.png",

@@ -58,7 +58,7 @@ BASELINE_IGNORES = ("combiner", "optimizer.name", "agent.variant", "agent.shared
 # Keys that make up the method's name (`method_name`), so a label need not repeat them.
 METHOD_KEYS = ("method", "combiner.name", "optimizer.name", "agent.variant")
 # What a success rate means: runs that differ here do not share a benchmark axis unless asked.
-PROTOCOL_KEYS = ("env.reward_version", "env.max_episode_steps", "env.num_goals", "env.toy_tasks")
+PROTOCOL_KEYS = ("env.tasks", "env.reward_version", "env.max_episode_steps", "env.num_goals", "env.toy_tasks")
 COMBINER_SECTION = "combiner."
 
 
