@@ -215,8 +215,8 @@ def heatmap_figure(bench: BenchmarkSummary) -> Figure:
         for start in range(0, len(tasks), HEATMAP_TASKS_PER_ROW)
     ]
     width = len(rows[0])
-    label_room = 0.075 * max(len(t) for t in tasks)  # inches under each panel for the rotated task names
-    panel_height = 0.32 * len(summaries) + label_room + 0.3
+    label_room = 0.055 * max(len(t) for t in tasks)  # inches under each panel for the task names at 45°
+    panel_height = 0.3 * len(summaries) + label_room + 0.2
     fig = Figure(
         figsize=(0.5 * width + 0.07 * max(len(s.name) for s in summaries) + 1.6, len(rows) * panel_height + 0.5)
     )
@@ -233,8 +233,10 @@ def heatmap_figure(bench: BenchmarkSummary) -> Figure:
         ax.set_xticks(range(len(columns)), [tasks[c] for c in columns], rotation=45, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(len(summaries)), [s.name for s in summaries])
         ax.tick_params(length=0)
-    fig.colorbar(image, ax=list(axes), label="final success (mean over seeds)", fraction=0.04, pad=0.01, aspect=15)
-    fig.suptitle(f"{bench.benchmark}: final success per task ({_seeds_text(summaries)})", fontsize=10)
+    colorbar = fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.01, aspect=12)
+    colorbar.set_label("final success", fontsize=8)  # short: the bar is only as tall as the rows
+    colorbar.ax.tick_params(labelsize=8)
+    fig.suptitle(f"{bench.benchmark}: final success per task, mean over seeds ({_seeds_text(summaries)})", fontsize=10)
     _note_few_seeds(fig, summaries, FEW_SEEDS_SHORT_NOTE)
     return fig
 
