@@ -98,7 +98,8 @@ def test_an_architecture_key_is_an_ordinary_config_key():
         "mean architecture=moe num_experts=2",
         "mean architecture=mlp",
     ]
-    # a key only one experiment has, with nothing to differ from, is not shown
+    # a key only one experiment has is shown when another of its method lacks it, not across methods
+    assert labels([("mean", mlp), ("mean", dict(base))]) == ["mean architecture=mlp", "mean"]
     assert labels([("mean", mlp), ("cagrad", dict(base) | {"combiner.c": 0.4})]) == ["mean", "cagrad"]
 
 

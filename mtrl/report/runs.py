@@ -235,14 +235,17 @@ def _combiner_own(key: str) -> bool:
 def label_keys(experiments: list[tuple[str, dict[str, Any]]]) -> list[list[str]]:
     """For each (method, config) of one benchmark, the keys its label shows.
 
-    A key is shown when its value differs among the experiments of the same method, or, unless it is part
-    of the method's name or a combiner's own hyper-parameter (CAGrad's `c` is not ConicGrad's `c`), among
-    all experiments that have it. Experiments of one method then always get different labels.
+    A key is shown when its value differs among the experiments of the same method (a key only some of them
+    have counts as differing), or, unless it is part of the method's name or a combiner's own
+    hyper-parameter (CAGrad's `c` is not ConicGrad's `c`), among all experiments that have it. Experiments
+    of one method then always get different labels.
     """
     keys = sorted({k for _, config in experiments for k in config})
+    missing = object()
 
-    def differ(k: str, members: list[dict[str, Any]]) -> bool:
-        return len({repr(c[k]) for c in members if k in c}) > 1
+    def differ(k: str, members: list[dict[str, Any]], count_missing: bool) -> bool:
+        values = [c.get(k, missing) for c in members if count_missing or k in c]
+        return len({"<missing>" if v is missing else repr(v) for v in values}) > 1
 
     shown = []
     for method, config in experiments:
@@ -254,8 +257,10 @@ def label_keys(experiments: list[tuple[str, dict[str, Any]]]) -> list[list[str]]
                 for k in keys
                 if k in config
                 and (
-                    differ(k, same_method)
-                    or (not _under(k, METHOD_KEYS) and not _combiner_own(k) and differ(k, everyone))
+                    differ(k, same_method, count_missing=True)
+                    or (
+                        not _under(k, METHOD_KEYS) and not _combiner_own(k) and differ(k, everyone, count_missing=False)
+                    )
                 )
             ]
         )
