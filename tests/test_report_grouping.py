@@ -23,16 +23,21 @@ from mtrl.rundir import write_config
 TASKS = ["t0", "t1", "t2", "t3"]
 
 
-def real_run(path: Path, seed: int, *overrides: str, command: str = "train", level: float = 0.5) -> Path:
-    """A run directory with the config.yaml `mtrl <command>` writes and two evaluations of TASKS."""
+def real_run(
+    path: Path, seed: int, *overrides: str, command: str = "train", level: float = 0.5, tasks: list[str] = TASKS
+) -> Path:
+    """A run directory with the config.yaml `mtrl <command>` writes and two evaluations of `tasks`."""
     cfg = load_config(None, [f"seed={seed}", f"run.dir={path}", *overrides])
     write_config(path, cfg, command)
     rng = np.random.default_rng(seed)
     lines = [
         json.dumps(
-            {"step": step, "kind": "eval", "eval/success/per_task": dict(zip(TASKS, values.tolist(), strict=True))}
+            {"step": step, "kind": "eval", "eval/success/per_task": dict(zip(tasks, values.tolist(), strict=True))}
         )
-        for step, values in ((1000, np.zeros(4)), (2000, np.clip(level + rng.normal(0, 0.1, 4), 0, 1)))
+        for step, values in (
+            (1000, np.zeros(len(tasks))),
+            (2000, np.clip(level + rng.normal(0, 0.1, len(tasks)), 0, 1)),
+        )
     ]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return path
@@ -215,3 +220,15 @@ def test_a_protocol_difference_inside_one_method_is_named_in_the_label(tmp_path:
         "mean max_episode_steps=150 num_goals=1 reward_version=v1",
         "mean max_episode_steps=500 num_goals=50 reward_version=v2",
     ]
+
+
+def test_experiments_that_report_other_tasks_are_not_compared(tmp_path: Path):
+    real_run(tmp_path / "a", 0)
+    real_run(tmp_path / "b", 0, "combiner.name=cagrad", tasks=["t0", "t1", "t2", "t9"])
+    with pytest.raises(ConfigError, match=r"differ in protocol \(tasks: 4 tasks vs 4, differing in t3, t9\)"):
+        build_report([tmp_path], reps=10, seed=0)
+    (bench,) = build_report([tmp_path], reps=10, seed=0, mix_protocols=True)
+    assert bench.improvements == [] and bench.incomparable == [("cagrad†", "mean†")]
+    text = render_markdown([bench], reps=10, seed=0)
+    assert "Not compared (evaluated on different tasks): cagrad† and mean†." in text
+    assert "| t9 | 0." in text and "| t3 | – |" in text
