@@ -186,11 +186,12 @@ def improvement_figure(bench: BenchmarkSummary, style_of: dict[str, Style]) -> F
         point, lower, upper = pair.interval.point[0], pair.interval.lower[0], pair.interval.upper[0]
         if not few:
             ax.barh(row, upper - lower, left=lower, height=0.6, color=style.color, alpha=0.35, lw=0)
-        ax.plot([point, point], [row - 0.3, row + 0.3], color=style.color, linewidth=2.2)
+        # not clipped: a certain improvement sits on the axis' edge at 1
+        ax.plot([point, point], [row - 0.3, row + 0.3], color=style.color, linewidth=2.2, clip_on=False)
     ax.axvline(0.5, color="0.4", linestyle="--", linewidth=1)
     ax.set_yticks(rows, [f"{p.better.name} > {p.worse.name}" for p in pairs])
     ax.set_ylim(-0.6, len(pairs) - 0.4)
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.01)
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel("probability of improvement P(X > Y) at the final step")
     ax.set_title(f"{bench.benchmark}: probability of improvement, 95% bootstrap CI")
