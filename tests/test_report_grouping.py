@@ -15,7 +15,7 @@ import yaml
 
 from mtrl.cli import main
 from mtrl.config import ConfigError, load_config
-from mtrl.report import build_report, find_run_dirs, group_runs, load_run
+from mtrl.report import build_report, find_run_dirs, group_runs, load_run, method_name
 from mtrl.report.markdown import render_markdown
 from mtrl.report.runs import BASELINE_IGNORES, NOT_THE_EXPERIMENT, labels, signature
 from mtrl.rundir import write_config
@@ -104,7 +104,8 @@ def test_an_architecture_key_is_an_ordinary_config_key():
         "mean architecture=mlp",
     ]
     # a key only one experiment has is shown when another of its method lacks it, not across methods
-    assert labels([("mean", mlp), ("mean", dict(base))]) == ["mean architecture=mlp", "mean"]
+    experts = dict(base) | {"agent.num_experts": 4}
+    assert labels([("mean", experts), ("mean", dict(base))]) == ["mean num_experts=4", "mean"]
     assert labels([("mean", mlp), ("cagrad", dict(base) | {"combiner.c": 0.4})]) == ["mean", "cagrad"]
 
 
@@ -148,7 +149,20 @@ def test_the_keys_the_baseline_ignores_are_those_its_help_names(capsys):
         main(["baseline", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for key in BASELINE_IGNORES:
-        assert key.split(".")[-1] in help_text
+        # the network's key is agent.variant in older help texts, agent.architecture in newer ones
+        names = ("variant", "architecture") if key == "agent.architecture" else (key.split(".")[-1],)
+        assert any(name in help_text for name in names), key
+
+
+def test_the_architecture_key_before_and_after_its_rename_is_one_key():
+    old = {"seed": 0, "combiner": {"name": "mean"}, "agent": {"variant": "multihead"}}
+    new = {"seed": 1, "combiner": {"name": "mean"}, "agent": {"architecture": "multihead"}}
+    assert signature(old) == signature(new)
+    assert method_name(old) == method_name(new) == "mean-multihead"
+    assert method_name({"combiner": {"name": "cagrad"}, "agent": {"architecture": "moore", "num_experts": 4}}) == (
+        "cagrad-moore"
+    )
+    assert method_name({"combiner": {"name": "cagrad"}, "agent": {"architecture": "conditioned"}}) == "cagrad"
 
 
 def test_a_key_an_older_config_lacks_takes_todays_default(tmp_path: Path):

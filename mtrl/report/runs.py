@@ -54,12 +54,21 @@ NOT_THE_EXPERIMENT = (
     "train.rng_device",
 )
 # Keys `mtrl baseline` ignores (its --help says so): a baseline's signature leaves them out too.
-BASELINE_IGNORES = ("combiner", "optimizer.name", "agent.variant", "agent.shared_temperature", "train.buffer_device")
+# (`agent.architecture` is the newer name of `agent.variant`; an architecture's own keys go with it.)
+BASELINE_IGNORES = (
+    "combiner",
+    "optimizer.name",
+    "agent.architecture",
+    "agent.shared_temperature",
+    "train.buffer_device",
+)
 # Keys that make up the method's name (`method_name`), so a label need not repeat them.
-METHOD_KEYS = ("method", "combiner.name", "optimizer.name", "agent.variant")
+METHOD_KEYS = ("method", "combiner.name", "optimizer.name", "agent.architecture")
+# The network's key: `agent.variant` in configs written before `agent.architecture` replaced it.
+ARCHITECTURE_KEY, OLD_ARCHITECTURE_KEY, DEFAULT_ARCHITECTURE = "agent.architecture", "agent.variant", "conditioned"
 # What a success rate means: runs that differ here do not share a benchmark axis unless asked.
 PROTOCOL_KEYS = ("env.tasks", "env.reward_version", "env.max_episode_steps", "env.num_goals", "env.toy_tasks")
-COMBINER_SECTION = "combiner."
+COMBINER_SECTION, AGENT_SECTION = "combiner.", "agent."
 
 
 @dataclass(frozen=True)
@@ -139,11 +148,19 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
 
+def _with_architecture(flat: dict[str, Any]) -> dict[str, Any]:
+    """`agent.variant` renamed to `agent.architecture`, so that runs from before and after the rename compare."""
+    flat = dict(flat)
+    if OLD_ARCHITECTURE_KEY in flat:
+        flat.setdefault(ARCHITECTURE_KEY, flat.pop(OLD_ARCHITECTURE_KEY))
+    return flat
+
+
 @functools.cache
 def _defaults() -> dict[str, Any]:
     from mtrl.config import Config, to_dict
 
-    defaults = flatten(to_dict(Config()))
+    defaults = _with_architecture(flatten(to_dict(Config())))
     return {k: v for k, v in defaults.items() if k != "combiner.name"}
 
 
@@ -151,20 +168,24 @@ def signature(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The experiment a run's config describes: its dotted keys and values without `NOT_THE_EXPERIMENT`
     (and, for a baseline run, without the keys the baseline ignores). A key the config lacks (written by an
     older mtrl) takes today's default."""
-    flat = {**_defaults(), **flatten(config)}
-    dropped = NOT_THE_EXPERIMENT + (BASELINE_IGNORES if flat.get("method") == BASELINE_METHOD else ())
-    return tuple(sorted((k, v) for k, v in flat.items() if not _under(k, dropped)))
+    flat = {**_defaults(), **_with_architecture(flatten(config))}
+    if flat.get("method") == BASELINE_METHOD:
+        dropped = NOT_THE_EXPERIMENT + BASELINE_IGNORES
+        return tuple(sorted((k, v) for k, v in flat.items() if not _under(k, dropped) and not _architecture_own(k)))
+    return tuple(sorted((k, v) for k, v in flat.items() if not _under(k, NOT_THE_EXPERIMENT)))
 
 
 def method_name(config: dict) -> str | None:
-    """A top-level `method` if the config names one, else `adatask` or the combiner; `-multihead` appended."""
-    flat = flatten(config)
+    """A top-level `method` if the config names one, else `adatask` or the combiner; `-<architecture>`
+    appended unless the architecture is the default one (`-multihead`)."""
+    flat = _with_architecture(flatten(config))
     name = flat.get("method")
     if name is None:
         name = "adatask" if flat.get("optimizer.name") == "adatask" else flat.get("combiner.name")
     if name is None:
         return None
-    return f"{name}-multihead" if flat.get("agent.variant") == "multihead" else str(name)
+    architecture = flat.get(ARCHITECTURE_KEY, DEFAULT_ARCHITECTURE)
+    return str(name) if architecture == DEFAULT_ARCHITECTURE else f"{name}-{architecture}"
 
 
 def benchmark_name(config: dict) -> str | None:
@@ -228,16 +249,26 @@ def _combiner_own(key: str) -> bool:
     """A combiner's own hyper-parameter (`combiner.c`), which means something else in another combiner."""
     from mtrl.config import CombinerConfig
 
-    common = {f"{COMBINER_SECTION}{name}" for name in CombinerConfig.__dataclass_fields__}
-    return key.startswith(COMBINER_SECTION) and key not in common
+    return (
+        key.startswith(COMBINER_SECTION)
+        and key.removeprefix(COMBINER_SECTION) not in CombinerConfig.__dataclass_fields__
+    )
+
+
+def _architecture_own(key: str) -> bool:
+    """An architecture's own key (a number of experts), which means something else in another architecture."""
+    from mtrl.config import AgentConfig
+
+    common = set(AgentConfig.__dataclass_fields__) | {ARCHITECTURE_KEY.removeprefix(AGENT_SECTION)}
+    return key.startswith(AGENT_SECTION) and key.removeprefix(AGENT_SECTION) not in common
 
 
 def label_keys(experiments: list[tuple[str, dict[str, Any]]]) -> list[list[str]]:
     """For each (method, config) of one benchmark, the keys its label shows.
 
     A key is shown when its value differs among the experiments of the same method (a key only some of them
-    have counts as differing), or, unless it is part of the method's name or a combiner's own
-    hyper-parameter (CAGrad's `c` is not ConicGrad's `c`), among all experiments that have it. Experiments
+    have counts as differing), or, unless it is part of the method's name or a combiner's or architecture's
+    own key (CAGrad's `c` is not ConicGrad's `c`), among all experiments that have it. Experiments
     of one method then always get different labels.
     """
     keys = sorted({k for _, config in experiments for k in config})
