@@ -14,13 +14,15 @@ import pytest
 import yaml
 
 from mtrl.cli import main
-from mtrl.config import ConfigError, load_config
+from mtrl.config import AgentConfig, ConfigError, load_config
 from mtrl.report import build_report, find_run_dirs, group_runs, load_run, method_name
 from mtrl.report.markdown import render_markdown
 from mtrl.report.runs import BASELINE_IGNORES, NOT_THE_EXPERIMENT, labels, signature
 from mtrl.rundir import write_config
 
 TASKS = ["t0", "t1", "t2", "t3"]
+# The config key that picks the network: agent.architecture, which replaced agent.variant.
+NETWORK_KEY = "agent.architecture" if "architecture" in AgentConfig.__dataclass_fields__ else "agent.variant"
 
 
 def real_run(
@@ -76,7 +78,7 @@ def test_labels_name_each_experiment_by_the_keys_in_which_it_differs(tmp_path: P
         "cagrad": ["combiner.name=cagrad", "combiner.c=0.4"],
         "cagrad-actor": ["combiner.name=cagrad", "combiner.c=0.4", "combiner.networks=[actor]"],
         "conicgrad": ["combiner.name=conicgrad", "combiner.c=0.5"],
-        "multihead": ["combiner.name=mean", "agent.variant=multihead"],
+        "multihead": ["combiner.name=mean", f"{NETWORK_KEY}=multihead"],
     }
     for name, overrides in runs.items():
         real_run(tmp_path / name, 0, *overrides)
@@ -136,7 +138,7 @@ def test_what_changes_the_experiment_splits_it(tmp_path: Path):
 
 def test_baseline_runs_ignore_the_combiner_they_were_launched_with(tmp_path: Path):
     real_run(tmp_path / "st-0", 0, "combiner.name=cagrad", "combiner.c=0.9", command="baseline")
-    real_run(tmp_path / "st-1", 1, "combiner.name=mean", "agent.variant=multihead", command="baseline")
+    real_run(tmp_path / "st-1", 1, "combiner.name=mean", f"{NETWORK_KEY}=multihead", command="baseline")
     real_run(tmp_path / "st-2", 2, "optimizer.name=adatask", command="baseline")
     real_run(tmp_path / "mtsac-0", 0)
     (mt10,) = experiments(tmp_path).values()
