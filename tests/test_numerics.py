@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,10 +88,20 @@ def assert_identical(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-class FaultInjector(UpdateHook, Callback):
+class OnBatch(Callback):
+    """Hands each batch sampled for an update to `receive(trainer, batch)`; the update runs on what it returns."""
+
+    def __init__(self, receive: Callable[[Trainer, Batch], Batch]):
+        self.receive = receive
+
+    def on_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+        return self.receive(trainer, batch)
+
+
+class FaultInjector(UpdateHook):
     """Corrupts the updates whose index is in `schedule`; checks after each that nothing changed.
 
-    Batches are corrupted as the trainer receives them (`on_batch`); gradients through the update's
+    Batches are corrupted as the trainer receives them (`Callback.on_batch`); gradients through the update's
     `on_gradients` hook, after every loss of the update was computed (and found finite).
     """
 
@@ -103,10 +114,10 @@ class FaultInjector(UpdateHook, Callback):
         self.snapshot: dict | None = None
         self.injected: list[tuple[int, str]] = []  # (env step, kind)
         self.verified = 0
-        trainer.callbacks.append(self)
+        trainer.callbacks.append(OnBatch(self.receive))
         trainer.learner.hooks.append(self)
 
-    def on_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+    def receive(self, trainer: Trainer, batch: Batch) -> Batch:
         self._verify_previous()
         self.pending = self.schedule.get(self.calls)
         self.calls += 1
@@ -224,16 +235,11 @@ def test_too_many_bad_updates_in_a_row_stop_with_the_last_good_state_checkpointe
     assert_identical({"agent": saved["agent"], "optimizers": saved["optimizers"]}, last_good)
 
 
-class _NanRewards(Callback):
-    def on_batch(self, trainer: Trainer, batch: Batch) -> Batch:
-        return corrupt(batch, "nan reward")
-
-
 def test_the_cli_reports_a_streak_stop_in_one_line_and_exit_code_1(tmp_path, capsys):
     run = tmp_path / "run"
     code = main(
         ["train", "--config", str(_empty_yaml(tmp_path)), *TOY_OVERRIDES, f"run.dir={run}", "train.max_bad_updates=3"],
-        callbacks=[_NanRewards()],
+        callbacks=[OnBatch(lambda _trainer, batch: corrupt(batch, "nan reward"))],
     )
     err = capsys.readouterr().err.splitlines()
     assert code == 1
