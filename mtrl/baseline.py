@@ -464,6 +464,7 @@ class BaselineRun:
 
         from mtrl.logger import MetricLogger
 
+        rundir.remove_temporaries(self.run_dir)
         rundir.write_config(self.run_dir, cfg, "baseline")
         self.logger = MetricLogger(self.run_dir, self.tasks, cfg.log.tensorboard, self.step)
 

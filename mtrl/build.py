@@ -149,11 +149,12 @@ def _buffer_device(
 def open_run_dir(cfg: Config, run_dir: Path, tasks: list[str], start_step: int) -> MetricLogger:
     """Make `run_dir` ready for a run that (re)starts at `start_step`, and open its logger.
 
-    Removes the temporaries of checkpoint writes cut short by a kill, writes `config.yaml`, and
-    drops metrics logged after `start_step` (a fresh run starts at 0: it drops what an attempt
-    killed before its first checkpoint logged).
+    Removes the temporaries of writes cut short by a kill (checkpoints, config.yaml), writes
+    `config.yaml`, and drops metrics logged after `start_step` (a fresh run starts at 0: it drops
+    what an attempt killed before its first checkpoint logged).
     """
     run_dir = Path(run_dir)
     ckpt.remove_partial_writes(run_dir)
+    rundir.remove_temporaries(run_dir)
     rundir.write_config(run_dir, cfg)
     return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step)
