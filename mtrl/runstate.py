@@ -115,7 +115,7 @@ class RunState:
         parts.gen_device.set_state(self.rng["device"])  # a CPU tensor, whatever device the generator is on
         return progress
 
-    def resumed_config(self, run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    def resumed_config(self, run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
         """The config to continue the run with: the saved one, then `overrides`, in `run_dir`."""
         return load_config(None, [*overrides, f"run.dir={run_dir}"], base=to_dict(self.config))
 

@@ -58,7 +58,7 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        run_dir: Path,
+        run_dir: str | Path,
         state: RunState | None = None,
         callbacks: Sequence[Callback] = (),
         parts: Parts | None = None,
@@ -76,7 +76,7 @@ class Trainer:
         self._stop_signal: int | None = None
 
     @classmethod
-    def resume(cls, run_dir: Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> Trainer:
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> Trainer:
         """The run in `run_dir`, continued from its latest checkpoint, in one "restore" phase: read the
         checkpoint, apply `overrides` to the config it holds, build the parts and load its state into them."""
         with phase(callbacks, "restore"):
