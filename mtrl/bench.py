@@ -22,10 +22,11 @@ import torch
 from mtrl.buffer import Batch
 from mtrl.build import set_cpu_threads
 from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.compiled import COMPILE_MODES, CompiledUpdate, make_learner
 from mtrl.config import AgentConfig, ConfigError
 from mtrl.jacobian import mean_backward, task_jacobian
 from mtrl.optim import Optimization
-from mtrl.sac import COMPILE_MODES, MTSAC, SACUpdate
+from mtrl.sac import MTSAC, SACUpdate
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
 
@@ -60,7 +61,9 @@ def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generato
     return Batch(obs, action, randn(k, b), next_obs, zeros, zeros)
 
 
-def _update(k: int, hidden: list[int], name: str, device: torch.device, compile: str = "none") -> SACUpdate:
+def _update(
+    k: int, hidden: list[int], name: str, device: torch.device, compile: str = "none"
+) -> SACUpdate | CompiledUpdate:
     """The full update the trainer runs with combiner (or optimizer) `name`, on freshly initialised networks."""
     optimizer = "adatask" if name == "adatask" else "adam"
     combiner = make_combiner("mean" if name == "adatask" else name)
@@ -68,7 +71,7 @@ def _update(k: int, hidden: list[int], name: str, device: torch.device, compile:
         torch.manual_seed(0)
         agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=hidden)).to(device)
     optimization = Optimization(agent.params, optimizer, agent.learning_rates, k)
-    return SACUpdate(agent, optimization, combiner, ["critic", "actor"], compile=compile)
+    return make_learner(SACUpdate(agent, optimization, combiner, ["critic", "actor"]), compile)
 
 
 def bench_update(

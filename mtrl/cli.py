@@ -8,7 +8,6 @@ import functools
 import json
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,44 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_run_dir(config: Path | None) -> Path:
-    stem = config.stem if config is not None else "run"
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def _print_config(cfg: Config) -> int:
     print(to_yaml(cfg), end="")
     return 0
 
 
 def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
-    from mtrl.callbacks import phase
-    from mtrl.checkpoint import latest_checkpoint
-    from mtrl.config import load_config, to_dict
+    from mtrl import rundir
+    from mtrl.config import load_config
     from mtrl.runstate import load_latest
     from mtrl.trainer import Trainer
 
+    rundir.check_start_or_resume(args.config, args.resume)
     if args.resume is not None:
-        if args.config is not None:
-            raise ConfigError("--resume takes the config saved in the run; drop --config (overrides are allowed)")
-        with phase(callbacks, "restore"):
-            saved = load_latest(args.resume)
-        cfg = load_config(None, [*args.overrides, f"run.dir={args.resume}"], base=to_dict(saved.config))
         if args.print_config:
-            return _print_config(cfg)
-        trainer = Trainer(cfg, args.resume, resume=saved, callbacks=callbacks)
+            return _print_config(load_latest(args.resume).resumed_config(args.resume, args.overrides))
+        trainer = Trainer.resume(args.resume, args.overrides, callbacks)
     else:
-        if args.config is None:
-            raise ConfigError("give --config PATH (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             return _print_config(cfg)
-        run_dir = Path(cfg.run.dir) if cfg.run.dir else _default_run_dir(args.config)
+        run_dir = rundir.new_run_dir(cfg.run.dir, args.config)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
-        if latest_checkpoint(run_dir) is not None:
-            raise ConfigError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another run.dir"
-            )
         trainer = Trainer(cfg, run_dir, callbacks=callbacks)
     print(f"run directory: {trainer.run_dir}", file=sys.stderr)
     return trainer.train()

@@ -252,9 +252,7 @@ def preset_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[dict[str, An
 def _typed_combiner(combiner: dict[str, Any]) -> type[CombinerConfig]:
     """The section class of the combiner `combiner` names, once its hyper-parameter keys are checked.
 
-    A null hyper-parameter is unset, so the combiner's default applies: it is dropped from `combiner`. This
-    also loads configs saved before the section was typed per combiner (config.yaml in run
-    directories, the config inside checkpoints): they hold every combiner's keys, null where unset.
+    A null hyper-parameter is unset, so the combiner's default applies: it is dropped from `combiner`.
     """
     from mtrl.combiners import check_hyper_parameter_names
 

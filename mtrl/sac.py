@@ -19,6 +19,7 @@ import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,6 @@ from mtrl.networks import Actor, TwinCritic, squashed_sample, task_parameter_nam
 from mtrl.optim import NetworkParameters, Optimization
 
 NETWORKS = ("critic", "actor", "alpha")
-COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 def split_parameters(module: nn.Module) -> NetworkParameters:
@@ -77,13 +77,6 @@ def polyak_update_where(target: nn.Module, source: nn.Module, tau: float, where:
     """`polyak_update` taken only where `where` (a 0-d bool tensor) holds, decided on the device."""
     for t, p in zip(target.parameters(), source.parameters(), strict=True):
         t.copy_(torch.where(where, t.lerp(p, tau), t))
-
-
-def _copy_tensor_attributes(obj: object) -> None:
-    """Replace every tensor attribute of `obj` by a copy of it."""
-    for name, value in list(vars(obj).items()):
-        if torch.is_tensor(value):
-            setattr(obj, name, value.clone())
 
 
 def policy_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
@@ -277,8 +270,17 @@ class UpdateHook:
 
     def on_step(self, network: str, parameters: list[nn.Parameter]) -> None:
         """`network` is about to step: `.grad` as its optimizer steps on it (clipped). Eagerly only
-        for an update that is taken; with the steps decided on the device (`device_steps`,
-        `compile`), for every update, the step then being taken or not by the flag."""
+        for an update that is taken; with the steps decided on the device (`mtrl.compiled`), for
+        every update, the step then being taken or not by the flag."""
+
+
+class UpdateDraws(NamedTuple):
+    """An update's randomness, drawn before its first gradient (`SACUpdate.draw`)."""
+
+    next_noise: Tensor  # [K, B, act_dim]: the next actions of the Bellman target
+    actor_noise: Tensor  # [K, B, act_dim]: the actions of the actor loss
+    tasks: Tensor | None  # the tasks a sampling combiner drew (None: all of them)
+    combiner: dict[str, Tensor | None]  # each combined network's combiner randomness
 
 
 class SACUpdate:
@@ -290,15 +292,11 @@ class SACUpdate:
     a sampling combiner's tasks and any randomness of the combiner itself (`draw_combiner`), all
     before the first gradient.
 
-    Between the sampled batch and the finiteness read, the update (`gradients`) is a function of
-    tensors with no host synchronisation and, except for a sampling combiner's subset (SDMGrad-OS,
-    drawn on the CPU before anything else), fixed shapes.
-
-    `device_steps` runs the whole update, steps included, as one function of tensors (`apply`): the
-    finiteness decision is applied on the device (`Optimization.step_where`) and the host reads the
-    flag once, after the update. `compile` ("none", "default", "reduce-overhead") runs `apply` under
-    `torch.compile` with that mode (implying `device_steps`); "reduce-overhead" replays it as CUDA
-    graphs on a GPU. The default is the eager update, which reads the flag before stepping.
+    An update reads draw -> gradients -> step. Between the sampled batch and the finiteness read,
+    it (`gradients`) is a function of tensors with no host synchronisation and, except for a
+    sampling combiner's subset (SDMGrad-OS, drawn on the CPU before anything else), fixed shapes:
+    `mtrl.compiled.CompiledUpdate` runs it, steps included, as one function on the device, under
+    `torch.compile` if asked (`train.compile`).
     """
 
     def __init__(
@@ -309,18 +307,10 @@ class SACUpdate:
         combined: Iterable[str] = ("critic", "actor"),
         q_target_clip: float | None = None,
         hooks: Sequence[UpdateHook] = (),
-        compile: str = "none",
-        device_steps: bool = False,
     ):
         unknown = sorted(set(combined) - set(NETWORKS))
         if unknown:
             raise ValueError(f"unknown network(s) {unknown} to combine; choose from: {', '.join(NETWORKS)}")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {compile!r}; choose from: {', '.join(COMPILE_MODES)}")
-        self.compile = compile
-        self._device_update = self.apply if device_steps else None
-        if compile != "none":
-            self._device_update = torch.compile(self.apply, mode=compile, dynamic=False)
         self.agent, self.optimization, self.combiner = agent, optimization, combiner
         self.q_target_clip = q_target_clip
         self.hooks = list(hooks)
@@ -340,52 +330,24 @@ class SACUpdate:
         diagnostics: bool = False,
     ) -> UpdateResult:
         """One update on a stratified batch `[K, B, ...]`; skipped whole (nothing stepped) unless finite."""
+        drawn = self.draw(batch, generator, combiner_generator)
+        gradients = self.gradients(batch, drawn.next_noise, drawn.actor_noise, drawn.tasks, drawn.combiner, diagnostics)
+        finite = bool(gradients.finite)  # the update's one host synchronisation
+        if finite:
+            self.step(gradients)
+        self.agent.zero_grad(set_to_none=True)
+        return UpdateResult(finite, gradients.metrics)
+
+    def draw(self, batch: Batch, generator: torch.Generator, combiner_generator: torch.Generator) -> UpdateDraws:
+        """The update's randomness, in a fixed order: the target's noise, the tasks, the actor's noise,
+        the combiners' draws."""
         k, b = batch.reward.shape
         device = batch.obs.device
         next_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         tasks = self.draw_tasks(k, combiner_generator, device)
         actor_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         draws = self.draw_combiner(k if tasks is None else tasks.numel(), combiner_generator, device)
-        if self._device_update is None:
-            gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-            finite = bool(gradients.finite)  # the update's one host synchronisation
-            if finite:
-                self.step(gradients)
-            self.agent.zero_grad(set_to_none=True)
-            return UpdateResult(finite, gradients.metrics)
-        graphs = self.compile == "reduce-overhead"
-        if self.optimization.prepare_device_steps() and graphs:
-            for state in self.optimization.state_tensors():  # updated in place by every replay
-                torch._dynamo.mark_static_address(state)
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-        finite, metrics = self._device_update(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-        if graphs:
-            # A CUDA graph's outputs are overwritten by its next replay: the combiner keeps some
-            # (a warm start, the last weights) past it, and the metrics are read at the next log.
-            _copy_tensor_attributes(self.combiner)
-            metrics = {key: value.clone() for key, value in metrics.items()}
-        return UpdateResult(bool(finite), metrics)
-
-    def apply(
-        self,
-        batch: Batch,
-        next_noise: Tensor,
-        actor_noise: Tensor,
-        tasks: Tensor | None,
-        draws: dict[str, Tensor | None] | None,
-        diagnostics: bool,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The whole update as a function of tensors, with no host synchronisation: gradients, then
-        every step and the target critics' move taken on the device only if everything is finite.
-
-        Returns the finiteness flag (0-d bool) and the metrics. The optimizers' state must exist
-        (`Optimization.prepare_device_steps`). Same arithmetic as `gradients` + `step`.
-        """
-        gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-        self.step(gradients, where=gradients.finite)
-        self.agent.zero_grad(set_to_none=True)
-        return gradients.finite, gradients.metrics
+        return UpdateDraws(next_noise, actor_noise, tasks, draws)
 
     def draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
         """The tasks this update's combined losses use (None: all of them), drawn before any gradient."""

@@ -58,23 +58,31 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        run_dir: Path,
-        resume: bool | RunState = False,
+        run_dir: str | Path,
+        state: RunState | None = None,
         callbacks: Sequence[Callback] = (),
         parts: Parts | None = None,
     ):
-        """A run of `cfg` in `run_dir`; `resume`: continue from its latest checkpoint (or from this state);
+        """A run of `cfg` in `run_dir`, from its start or from `state` (`Trainer.resume` reads it from the run);
         `parts`: built by `mtrl.build.build(cfg)` beforehand (by default here)."""
         self.cfg, self.run_dir, self.callbacks = cfg, Path(run_dir), list(callbacks)
         self.parts = build(cfg) if parts is None else parts
-        self.progress = Progress(learning_starts=cfg.train.warmup_steps)
-        if resume:
-            with phase(self.callbacks, "restore"):
-                saved = resume if isinstance(resume, RunState) else load_latest(self.run_dir)
-                self.progress = saved.restore(cfg, self.parts)
-            log.info("resumed from %s at step %d", saved.source, self.counters.env_steps)
+        if state is None:
+            self.progress = Progress(learning_starts=cfg.train.warmup_steps)
+        else:
+            self.progress = state.restore(cfg, self.parts)
+            log.info("resumed from %s at step %d", state.source, self.counters.env_steps)
         self.logger = open_run_dir(cfg, self.run_dir, self.parts.tasks, self.counters.env_steps)
         self._stop_signal: int | None = None
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> Trainer:
+        """The run in `run_dir`, continued from its latest checkpoint, in one "restore" phase: read the
+        checkpoint, apply `overrides` to the config it holds, build the parts and load its state into them."""
+        with phase(callbacks, "restore"):
+            saved = load_latest(Path(run_dir))
+            cfg = saved.resumed_config(run_dir, overrides)
+            return cls(cfg, run_dir, saved, callbacks)
 
     # The parts and progress most often read, as the trainer's own attributes.
     agent = property(lambda self: self.parts.agent)
@@ -193,6 +201,8 @@ class Trainer:
         """One update; its metrics, or None if it was not finite and was skipped."""
         c, cfg, parts = self.counters, self.cfg, self.parts
         batch = parts.buffer.sample(cfg.train.batch_per_task, parts.gen_device, parts.device)
+        for callback in self.callbacks:
+            batch = callback.on_batch(self, batch) or batch
         every = cfg.combiner.diagnostics_every
         with phase(self.callbacks, "update"):
             result = parts.learner(batch, parts.gen_device, parts.gen_cpu, bool(every) and c.updates % every == 0)

@@ -20,7 +20,7 @@ from mtrl.baseline import BASELINE_DIR, METHOD, PENDING_DIR, BaselineRun, is_fin
 from mtrl.cli import main
 from mtrl.config import load_config
 from mtrl.envs import make_backend
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from tests.conftest import TOY_OVERRIDES, toy_config
 
 # Chunks of 20 steps (2 toy episodes of 10 steps) up to 40 steps per task, learning from step 10 on.

@@ -16,7 +16,7 @@ from mtrl.cli import main
 from mtrl.config import load_config
 from mtrl.envs import make_backend
 from mtrl.evaluation import EvalResult, Evaluator, evaluate
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import TOY_OVERRIDES, toy_config
 

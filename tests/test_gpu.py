@@ -24,8 +24,8 @@ from mtrl.combiners import COMBINERS, make_combiner
 from mtrl.config import AgentConfig
 from mtrl.envs import make_backend
 from mtrl.evaluation import evaluate
-from mtrl.logger import METRICS_FILE
 from mtrl.optim import Optimization
+from mtrl.rundir import METRICS_FILE
 from mtrl.sac import MTSAC, SACUpdate
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config

@@ -31,7 +31,7 @@ from mtrl import checkpoint as ckpt
 from mtrl import sweep
 from mtrl.cli import main
 from mtrl.config import LogConfig
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import TOY_OVERRIDES, nested_config
 

@@ -4,7 +4,6 @@ agreement with the evaluation, and bad input."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -161,7 +160,6 @@ BAD = {
 def test_bad_video_options_give_one_line_and_write_nothing(case, toy_run, tmp_path, monkeypatch, capsys):
     flags, message = BAD[case]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
     (tmp_path / "afile").write_text("keep")
     capsys.readouterr()
     assert _main(["eval", str(toy_run), *flags]) == 2
