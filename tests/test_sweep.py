@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
@@ -50,14 +49,6 @@ def write_spec(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False))
     return path
 
-
-def log_to_capsys(monkeypatch) -> None:
-    """Send `main`'s log records to this test's captured stderr.
-
-    Called in the test body: pytest attaches its own log capture to the package's logger when each
-    test phase starts, and `setup_console` adds its stream handler only to a logger without any.
-    """
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -230,7 +221,6 @@ def test_local_ray_flags_do_not_go_with_an_address(tmp_path, capsys):
 
 
 def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, capsys):
-    log_to_capsys(monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     write_preset(tmp_path / "toy.yaml")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")])
@@ -241,7 +231,6 @@ def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, 
 
 
 def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys, monkeypatch):
-    log_to_capsys(monkeypatch)
     # Over before learning starts (warm-up is 40 steps): seconds.
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     grid = {"agent.tau": [0.005, 0.01]}
@@ -290,7 +279,6 @@ def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys,
 
 
 def test_a_baseline_sweep_skips_finished_baseline_runs(tmp_path, capsys, monkeypatch):
-    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)], seeds=[0, 1], command="baseline")
     done, fresh = sweep.expand(sweep.load_spec(path))
@@ -334,7 +322,6 @@ def test_metrics_tail_reads_appends_and_follows_a_rewrite(tmp_path):
 
 def test_a_second_driver_on_the_same_root_refuses_until_the_first_is_gone(tmp_path, capsys, monkeypatch):
     """ROOT/sweep.lock names the driver's pid: a live one refuses a second driver, a gone one is taken over."""
-    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=40", "eval.every=40")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)])
     (trial,) = sweep.expand(sweep.load_spec(path))
@@ -361,7 +348,6 @@ def test_a_second_driver_on_the_same_root_refuses_until_the_first_is_gone(tmp_pa
 
 def test_the_summary_keeps_every_attempt_of_every_run(tmp_path, capsys, monkeypatch):
     """A re-run that skips every trial rewrites summary.md with the attempts of the runs before it."""
-    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=40", "eval.every=40")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)])
     (trial,) = sweep.expand(sweep.load_spec(path))
@@ -445,7 +431,6 @@ TRAIN_STEPS, EVAL_STEPS = list(range(20, TOTAL + 1, 20)), [60, 120]
 
 @pytest.mark.slow  # a minute of local Ray on a quiet 2-core machine: .ci/run runs it after the default suite
 def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, monkeypatch, reaped):
-    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", f"train.total_steps={TOTAL}", "checkpoint.every=40", "eval.every=60")
     spec_path = write_spec(
         tmp_path / "spec.yaml",
@@ -582,7 +567,6 @@ def test_ctrl_c_checkpoints_the_running_trials_and_a_rerun_resumes_them(tmp_path
 
 @pytest.mark.slow
 def test_a_trial_larger_than_the_local_ray_fails_at_the_start(tmp_path, capsys, reaped, monkeypatch):
-    log_to_capsys(monkeypatch)
     write_preset(tmp_path / "toy.yaml")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")], resources={"num_gpus": 1})
     assert main(["sweep", str(path), "--num-cpus", "1", "--num-gpus", "0"]) == 2
