@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from mtrl.config import Config, ConfigError, load_config
+from mtrl.config import Config, ConfigError, load_config, to_yaml
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -637,7 +637,19 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--config", type=Path, help="YAML preset, e.g. configs/mt10_mtsac.yaml")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the baseline run in RUN_DIR")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit, training and writing nothing",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _print_config(cfg: Config) -> int:
+    """`--print-config`: the config the run would use, once SB3 is known to support it."""
+    check_supported(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -653,6 +665,8 @@ def run(args: argparse.Namespace) -> int:
         saved = _saved_config(run_dir)
         cfg = load_config(None, [*args.overrides, f"run.dir={run_dir}"], base=saved)
         check_resumable(saved, cfg)
+        if args.print_config:
+            return _print_config(cfg)
         if state["step"] > cfg.train.total_steps:
             raise ConfigError(
                 f"train.total_steps must be >= the step of the run ({state['step']}), found {cfg.train.total_steps}"
@@ -667,6 +681,8 @@ def run(args: argparse.Namespace) -> int:
         if args.config is None:
             raise ConfigError("give --config PATH (e.g. configs/mt10_mtsac.yaml) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return _print_config(cfg)
         check_supported(cfg)
         run_dir = Path(cfg.run.dir or Path("runs") / f"{args.config.stem}-{METHOD}-{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run.dir = str(run_dir)

@@ -24,6 +24,7 @@ from mtrl.evaluation import Evaluator
 from mtrl.logger import MetricLogger
 from mtrl.optim import Optimization
 from mtrl.sac import MTSAC, SACUpdate
+from mtrl.tracking import open_trackers
 
 
 def set_cpu_threads(requested: int = 0) -> int:
@@ -158,4 +159,4 @@ def open_run_dir(cfg: Config, run_dir: Path, tasks: list[str], start_step: int) 
     config_tmp = run_dir / ".config.yaml.tmp"
     config_tmp.write_text(to_yaml(cfg))
     os.replace(config_tmp, run_dir / "config.yaml")
-    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step)
+    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step, trackers=open_trackers(cfg, run_dir))

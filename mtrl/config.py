@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,11 @@ class LogConfig:
     every: int = _f(1000, "vector steps between scalar logs (TensorBoard, metrics.jsonl)")
     tensorboard: bool = _f(True, "write TensorBoard event files")
     progress: bool = _f(True, "show a progress bar")
+    wandb: bool = _f(False, "also log to Weights & Biases (the wandb extra; WANDB_MODE=offline logs locally)")
+    wandb_project: str = _f("mtrl", "W&B project")
+    wandb_entity: str | None = _f(None, "W&B entity (user or team); null = your default entity")
+    wandb_group: str | None = _f(None, "W&B run group (e.g. one per sweep); null = none")
+    wandb_tags: list[str] = _f([], "W&B run tags")
 
 
 @dataclass
@@ -410,8 +416,20 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0, found {cfg.eval.every}")
     _check(cfg.eval.episodes >= 1, f"eval.episodes must be >= 1, found {cfg.eval.episodes}")
     _check(cfg.log.every >= 1, f"log.every must be >= 1, found {cfg.log.every}")
+    _check_tracking(cfg.log)
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, found {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, found {cfg.checkpoint.keep_last}")
+
+
+def _check_tracking(log: LogConfig) -> None:
+    """`log.wandb` needs the optional wandb package: refused at config time rather than at the first log."""
+    if not log.wandb:
+        return
+    _check(
+        importlib.util.find_spec("wandb") is not None,
+        "log.wandb=true needs the wandb package: pip install 'mtrl[wandb]' (or set log.wandb=false)",
+    )
+    _check(bool(log.wandb_project), "log.wandb_project must not be empty")
 
 
 def describe_options() -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,6 +25,14 @@ def setup_console(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+class Tracker(Protocol):
+    """A further sink of the run log's records (W&B: `mtrl.tracking.WandbTracker`)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -36,9 +45,17 @@ class MetricLogger:
     dropped from both sinks, so a run's metrics never hold gaps or duplicates.
     """
 
-    def __init__(self, run_dir: Path, task_names: list[str], tensorboard: bool, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        task_names: list[str],
+        tensorboard: bool,
+        resume_step: int | None = None,
+        trackers: Sequence[Tracker] = (),
+    ):
         self.path = Path(run_dir) / METRICS_FILE
         self.task_names = task_names
+        self.trackers = list(trackers)  # further sinks of every record (mtrl.tracking)
         if resume_step is not None:
             self._truncate_after(resume_step)
         self.writer = None
@@ -83,6 +100,8 @@ class MetricLogger:
                         self.writer.add_scalar(f"{key}/{n}", float(v), step)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
         return record
 
     def flush(self) -> None:
@@ -92,3 +111,5 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
