@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -98,6 +99,53 @@ def test_a_failure_leaves_the_output_directory_untouched(tmp_path):
     assert not (tmp_path / "videos").exists()
 
 
+class RenderCounter(gym.Wrapper):
+    """Counts the frames a sub-env renders."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.renders = 0
+
+    def render(self):
+        self.renders += 1
+        return self.env.render()
+
+
+def _counted_backend(seed: int):
+    backend = make_backend(TOY, seed, evaluation=True, vector_strategy="sync", render={"width": 40, "height": 24})
+    envs = backend.vector_env.envs
+    envs[:] = [RenderCounter(env) for env in envs]
+    return backend, envs
+
+
+def test_a_lower_frame_rate_keeps_every_kth_frame_and_renders_only_those(tmp_path, capsys):
+    episodes, seed = 2, 5
+    backend, counted = _counted_backend(seed)
+    every = record_videos(ScriptedToyAgent(), backend, tmp_path / "every", episodes)  # the toy env's 20 per second
+    backend.close()
+    backend, counted = _counted_backend(seed)
+    capsys.readouterr()
+    half = record_videos(ScriptedToyAgent(), backend, tmp_path / "half", episodes, fps=10, progress=True)
+    bars = capsys.readouterr().err
+    backend.close()
+    for (task, full), env in zip(every.items(), counted, strict=True):
+        kept = half[task]
+        assert (kept.lengths, kept.successes) == (full.lengths, full.successes)  # the same episodes
+        # per episode: the frame after the reset, every 2nd step's, and the last step's
+        indices, start = [], 0
+        for length in full.lengths:
+            indices += [start + t for t in range(length + 1) if t % 2 == 0 or t == length]
+            start += length + 1
+        frames = _frames(kept.path)
+        assert kept.frames == len(frames) == len(indices) == env.renders
+        assert kept.frames < full.frames
+        reference = _frames(full.path)[indices].astype(int)
+        assert np.abs(frames.astype(int) - reference).mean() < 2  # the same pictures, up to H.264's losses
+        assert kept.fps == 10 and imageio.get_reader(kept.path).get_meta_data()["fps"] == 10
+        assert task in bars
+    assert "frame/s" in bars
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("video") / "run"
@@ -149,6 +197,11 @@ BAD = {
     "unknown camera": (
         ["--video", "v", "--camera", "corner"],
         "unknown camera 'corner'; this benchmark's cameras: topview",
+    ),
+    "zero fps": (["--video", "v", "--fps", "0"], "--fps must be > 0, found 0"),
+    "fps above the env's": (
+        ["--video", "v", "--fps", "40"],
+        "--fps must be in (0, 20], the env's own frame rate; found 40",
     ),
     "--episodes with --video": (
         ["--video", "v", "--episodes", "3"],
