@@ -154,6 +154,14 @@ class EvalConfig:
     every: int = _f(50_000, "vector steps between evaluations (0 = only at the end)")
     episodes: int = _f(50, "evaluation episodes per task (the Meta-World protocol uses 50)")
     vector_strategy: str = _f("sync", "sync | async vectorisation of the evaluation envs")
+    video_every: int = _f(
+        0, "evaluations between videos of the evaluation episodes, in run.dir/videos/step_<step>/ (0 = none)"
+    )
+    video_episodes: int = _f(1, "evaluation episodes per task in each video")
+    video_fps: float = _f(20.0, "video frame rate; only the frames kept are rendered (Meta-World steps at 80/s)")
+    video_width: int = _f(256, "video width in pixels (even)")
+    video_height: int = _f(256, "video height in pixels (even)")
+    video_camera: str | None = _f(None, "camera of the videos; null = the benchmark's default (Meta-World: corner)")
 
 
 @dataclass
@@ -415,10 +423,20 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0, found {cfg.eval.every}")
     _check(cfg.eval.episodes >= 1, f"eval.episodes must be >= 1, found {cfg.eval.episodes}")
+    _check_videos(cfg.eval)
     _check(cfg.log.every >= 1, f"log.every must be >= 1, found {cfg.log.every}")
     _check_tracking(cfg.log)
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, found {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, found {cfg.checkpoint.keep_last}")
+
+
+def _check_videos(ev: EvalConfig) -> None:
+    _check(ev.video_every >= 0, f"eval.video_every must be >= 0, found {ev.video_every}")
+    _check(ev.video_episodes >= 1, f"eval.video_episodes must be >= 1, found {ev.video_episodes}")
+    _check(ev.video_fps > 0, f"eval.video_fps must be > 0, found {ev.video_fps}")
+    for key in ("video_width", "video_height"):
+        value = getattr(ev, key)
+        _check(value >= 2 and value % 2 == 0, f"eval.{key} must be a positive even number (H.264), found {value}")
 
 
 def _check_tracking(log: LogConfig) -> None:

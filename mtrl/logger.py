@@ -30,6 +30,8 @@ class Tracker(Protocol):
 
     def log(self, record: dict[str, Any]) -> None: ...
 
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -103,6 +105,11 @@ class MetricLogger:
         for tracker in self.trackers:
             tracker.log(record)
         return record
+
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None:
+        """Evaluation videos (task -> mp4 file): to the trackers that take videos (W&B)."""
+        for tracker in self.trackers:
+            tracker.log_videos(step, videos)
 
     def flush(self) -> None:
         if self.writer is not None:

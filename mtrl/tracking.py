@@ -70,12 +70,12 @@ class WandbTracker:
                 values[key] = value
         self.run.log(values, step=record["step"])
 
-    def log_videos(self, step: int, videos: dict[str, Path], fps: int) -> None:
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None:
         """Evaluation videos, one per task, under `video/<task>`."""
         import wandb
 
         self.run.log(
-            {f"video/{task}": wandb.Video(str(path), fps=fps, format="mp4") for task, path in videos.items()},
+            {f"video/{task}": wandb.Video(str(path), format="mp4") for task, path in videos.items()},
             step=step,
         )
 

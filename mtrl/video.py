@@ -223,6 +223,39 @@ def prepare_rendering(benchmark: str) -> None:
     _load_mujoco()
 
 
+class EvalVideos:
+    """Videos of the evaluation episodes during training (`eval.video_every`): CleanRL's `--capture-video`.
+
+    Its own sync render envs hold the evaluation's goal sets (same seed) and start each time from their
+    state when built, as the evaluator's do, so a video's episode k of a task is that task's episode k
+    of the evaluation it goes with. Built when the run starts: a missing OpenGL backend or an unknown
+    camera stops the run before training rather than at its first video.
+    """
+
+    def __init__(self, cfg: Config):
+        from mtrl.envs import make_backend
+
+        ev = cfg.eval
+        camera = ev.video_camera or default_camera(cfg.env.benchmark)
+        prepare_rendering(cfg.env.benchmark)
+        render = {"camera_name": camera, "width": ev.video_width, "height": ev.video_height}
+        self.backend = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy="sync", render=render)
+        known = camera_names(self.backend.vector_env.envs[0])
+        if camera not in known:
+            self.backend.close()
+            names = ", ".join(known)
+            raise ConfigError(f"eval.video_camera: unknown camera {camera!r}; this benchmark's cameras: {names}")
+        self.initial_state = self.backend.get_state()
+        self.episodes, self.fps, self.max_episode_steps = ev.video_episodes, ev.video_fps, cfg.env.max_episode_steps
+
+    def __call__(self, agent: Agent, out_dir: Path, progress: bool) -> dict[str, TaskVideo]:
+        self.backend.set_state(self.initial_state)
+        return record_videos(agent, self.backend, out_dir, self.episodes, self.fps, progress, self.max_episode_steps)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
 def check_options(out_dir: Path, episodes: int, width: int, height: int, fps: float | None = None) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--video {out_dir}: exists and is not a directory")
