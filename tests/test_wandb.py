@@ -115,7 +115,8 @@ def test_an_offline_run_holds_the_run_log_and_a_resume_continues_it(tmp_path, of
         "log.wandb_tags=[toy,mean]",
     ]
     overrides = [*TOY_OVERRIDES, *tracking, f"run.dir={run}", "seed=3", "eval.every=60", "log.every=30"]
-    assert main(["train", *_preset(tmp_path), *overrides, "train.total_steps=60"]) == 0
+    videos = ["eval.video_every=1", "eval.video_width=16", "eval.video_height=16"]
+    assert main(["train", *_preset(tmp_path), *overrides, *videos, "train.total_steps=60"]) == 0
     (first,) = _offline_runs(offline_wandb)
     run_id = (run / WANDB_ID_FILE).read_text().strip()
     records = read_wandb_file(first)
@@ -127,6 +128,13 @@ def test_an_offline_run_holds_the_run_log_and_a_resume_continues_it(tmp_path, of
     assert config["train"]["total_steps"] == 60
     history = _history(records)
     assert sorted(history) == [30, 60]
+    # the evaluation's videos, one per task, next to its values
+    filmed: dict[str, dict] = {}  # W&B stores a video as the nested keys video/<task>/<field>
+    for key in [k for k in history[60] if k.startswith("video/")]:
+        task, field = key.removeprefix("video/").split("/")
+        filmed.setdefault(task, {})[field] = history[60].pop(key)
+    assert sorted(filmed) == ["toy-0", "toy-1", "toy-2"]
+    assert all(v["_type"] == "video-file" and v["path"].endswith(".mp4") and v["size"] > 0 for v in filmed.values())
     assert history == _expected_history(run)
     # the eval record's per-task values reach W&B under eval/success/<task>
     assert {"eval/success/toy-0", "eval/return/toy-2", "train/episode_return/toy-1"} <= set(history[60])
@@ -136,8 +144,11 @@ def test_an_offline_run_holds_the_run_log_and_a_resume_continues_it(tmp_path, of
     resumed = read_wandb_file(second)
     assert _run_record(resumed).run_id == run_id  # the same W&B run, continued
     assert _config(resumed)["train"]["total_steps"] == 120  # the resume's override
-    assert sorted(_history(resumed)) == [90, 120]
-    assert {**history, **_history(resumed)} == _expected_history(run)
+    history_after = _history(resumed)
+    assert sorted(history_after) == [90, 120]
+    for key in [k for k in history_after[120] if k.startswith("video/")]:
+        del history_after[120][key]  # the last evaluation's videos
+    assert {**history, **history_after} == _expected_history(run)
 
 
 def test_without_the_wandb_package_log_wandb_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
