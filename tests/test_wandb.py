@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,17 @@ def read_wandb_file(path: Path) -> list[wandb_internal_pb2.Record]:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def read_finished_run(path: Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records of a run's .wandb file once it holds the run's exit record: W&B's service process writes
+    the file on its own, and may still be at it when `finish()` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_file(path) if path.exists() else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def _history(records: list) -> dict[int, dict[str, float]]:
@@ -119,7 +131,7 @@ def test_an_offline_run_holds_the_run_log_and_a_resume_continues_it(tmp_path, of
     assert main(["train", *_preset(tmp_path), *overrides, *videos, "train.total_steps=60"]) == 0
     (first,) = _offline_runs(offline_wandb)
     run_id = (run / WANDB_ID_FILE).read_text().strip()
-    records = read_wandb_file(first)
+    records = read_finished_run(first)
     info = _run_record(records)
     assert (info.run_id, info.project, info.run_group) == (run_id, "mtrl-test", "sweep-a")
     assert list(info.tags) == ["toy", "mean"]
@@ -141,7 +153,7 @@ def test_an_offline_run_holds_the_run_log_and_a_resume_continues_it(tmp_path, of
 
     assert main(["train", "--resume", str(run), "train.total_steps=120", "log.progress=false"]) == 0
     second = next(p for p in _offline_runs(offline_wandb) if p != first)
-    resumed = read_wandb_file(second)
+    resumed = read_finished_run(second)
     assert _run_record(resumed).run_id == run_id  # the same W&B run, continued
     assert _config(resumed)["train"]["total_steps"] == 120  # the resume's override
     history_after = _history(resumed)
