@@ -52,13 +52,14 @@ class TaskVideo:
     seconds: float = 0.0  # wall-clock time it took to record
 
 
-def frame_stride(native_fps: float, fps: float | None) -> int:
+def frame_stride(native_fps: float, fps: float | None, key: str = "--fps") -> int:
     """Every how many steps a frame is kept so that a video of `fps` frames per second still plays in real
-    time (the env steps at `native_fps`: Meta-World at 80, the toy benchmark at 20); None keeps every frame."""
+    time (the env steps at `native_fps`: Meta-World at 80, the toy benchmark at 20); None keeps every frame.
+    `key` names the setting in the error."""
     if fps is None:
         return 1
     if not 0 < fps <= native_fps:
-        raise ConfigError(f"--fps must be in (0, {native_fps:g}], the env's own frame rate; found {fps:g}")
+        raise ConfigError(f"{key} must be in (0, {native_fps:g}], the env's own frame rate; found {fps:g}")
     return max(1, round(native_fps / fps))
 
 
@@ -240,11 +241,16 @@ class EvalVideos:
         prepare_rendering(cfg.env.benchmark)
         render = {"camera_name": camera, "width": ev.video_width, "height": ev.video_height}
         self.backend = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy="sync", render=render)
-        known = camera_names(self.backend.vector_env.envs[0])
-        if camera not in known:
+        first = self.backend.vector_env.envs[0]
+        known = camera_names(first)
+        try:
+            if camera not in known:
+                names = ", ".join(known)
+                raise ConfigError(f"eval.video_camera: unknown camera {camera!r}; this benchmark's cameras: {names}")
+            frame_stride(first.metadata.get("render_fps", 30), ev.video_fps, "eval.video_fps")
+        except ConfigError:
             self.backend.close()
-            names = ", ".join(known)
-            raise ConfigError(f"eval.video_camera: unknown camera {camera!r}; this benchmark's cameras: {names}")
+            raise
         self.initial_state = self.backend.get_state()
         self.episodes, self.fps, self.max_episode_steps = ev.video_episodes, ev.video_fps, cfg.env.max_episode_steps
 

@@ -340,7 +340,7 @@ def test_bad_training_video_settings_are_refused_at_config_time(override, tmp_pa
         toy_config(tmp_path / "run", "eval.video_every=1", override)
 
 
-def test_an_unknown_training_video_camera_stops_the_run_before_it_starts(tmp_path, capsys, monkeypatch):
+def test_an_unknown_camera_or_too_high_a_frame_rate_stops_the_run_before_it_starts(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
     run = tmp_path / "run"
     preset = tmp_path / "preset.yaml"
@@ -350,5 +350,9 @@ def test_an_unknown_training_video_camera_stops_the_run_before_it_starts(tmp_pat
     assert _main([*argv, "eval.video_camera=corner"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "mtrl: error: eval.video_camera: unknown camera 'corner'; this benchmark's cameras: topview"
+    ]
+    assert _main([*argv, "eval.video_fps=40"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mtrl: error: eval.video_fps must be in (0, 20], the env's own frame rate; found 40"
     ]
     assert not run.exists()
