@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mtrl import rundir
-from mtrl.config import Config, ConfigError, load_config
+from mtrl.config import Config, ConfigError, load_config, to_yaml
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -601,7 +601,19 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--config", type=Path, help="YAML preset, e.g. configs/mt10_mtsac.yaml")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the baseline run in RUN_DIR")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit, training and writing nothing",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _print_config(cfg: Config) -> int:
+    """`--print-config`: the config the run would use, once SB3 is known to support it."""
+    check_supported(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -616,6 +628,8 @@ def run(args: argparse.Namespace) -> int:
         saved = rundir.read_config(run_dir, "baseline")
         cfg = load_config(None, [*args.overrides, f"run.dir={run_dir}"], base=saved)
         check_resumable(saved, cfg)
+        if args.print_config:
+            return _print_config(cfg)
         if state["step"] > cfg.train.total_steps:
             raise ConfigError(
                 f"train.total_steps must be >= the step of the run ({state['step']}), found {cfg.train.total_steps}"
@@ -628,6 +642,8 @@ def run(args: argparse.Namespace) -> int:
         resume = True
     else:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return _print_config(cfg)
         check_supported(cfg)
         run_dir = rundir.new_run_dir(cfg.run.dir, args.config, "baseline")
         cfg.run.dir = str(run_dir)

@@ -26,6 +26,7 @@ from mtrl.evaluation import Evaluator
 from mtrl.logger import MetricLogger
 from mtrl.optim import Optimization
 from mtrl.sac import MTSAC, SACUpdate
+from mtrl.tracking import open_trackers
 
 
 def set_cpu_threads(requested: int = 0) -> int:
@@ -157,4 +158,4 @@ def open_run_dir(cfg: Config, run_dir: Path, tasks: list[str], start_step: int) 
     ckpt.remove_partial_writes(run_dir)
     rundir.remove_temporaries(run_dir)
     rundir.write_config(run_dir, cfg)
-    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step)
+    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step, trackers=open_trackers(cfg, run_dir))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -40,6 +41,16 @@ def setup_console(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+class Tracker(Protocol):
+    """A further sink of the run log's records (W&B: `mtrl.tracking.WandbTracker`)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -52,9 +63,17 @@ class MetricLogger:
     dropped from both sinks, so a run's metrics never hold gaps or duplicates.
     """
 
-    def __init__(self, run_dir: Path, task_names: list[str], tensorboard: bool, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        task_names: list[str],
+        tensorboard: bool,
+        resume_step: int | None = None,
+        trackers: Sequence[Tracker] = (),
+    ):
         self.path = Path(run_dir) / rundir.METRICS_FILE
         self.task_names = task_names
+        self.trackers = list(trackers)  # further sinks of every record (mtrl.tracking)
         if resume_step is not None:
             rundir.drop_records_after(self.path, resume_step)
         self.writer = None
@@ -83,7 +102,14 @@ class MetricLogger:
                     if math.isfinite(v):
                         self.writer.add_scalar(f"{key}/{n}", float(v), step)
         rundir.append_record(self.path, record)
+        for tracker in self.trackers:
+            tracker.log(record)
         return record
+
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None:
+        """Evaluation videos (task -> mp4 file): to the trackers that take videos (W&B)."""
+        for tracker in self.trackers:
+            tracker.log_videos(step, videos)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -92,3 +118,5 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()

@@ -28,6 +28,7 @@ from mtrl.evaluation import EvalResult
 from mtrl.logger import log
 from mtrl.policy import Policy
 from mtrl.runstate import Progress, RunState, load_latest
+from mtrl.video import EvalVideos
 
 
 class TrainingError(RuntimeError):
@@ -72,6 +73,7 @@ class Trainer:
         else:
             self.progress = state.restore(cfg, self.parts)
             log.info("resumed from %s at step %d", state.source, self.counters.env_steps)
+        self.videos = EvalVideos(cfg) if cfg.eval.video_every else None
         self.logger = open_run_dir(cfg, self.run_dir, self.parts.tasks, self.counters.env_steps)
         self._stop_signal: int | None = None
 
@@ -127,6 +129,8 @@ class Trainer:
                     self._log_train(bar)
                 if (cfg.eval.every and c.env_steps % cfg.eval.every == 0) or last:
                     self.evaluate(bar)
+                    if self._video_due(last):
+                        self.record_videos()
                 if (cfg.checkpoint.every and c.env_steps % cfg.checkpoint.every == 0) or last:
                     self.save_checkpoint()
                 if not all(callback.on_step(self) is not False for callback in self.callbacks) and not last:
@@ -143,6 +147,8 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
+            if self.videos is not None:
+                self.videos.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -261,6 +267,23 @@ class Trainer:
             bar.set_postfix({"success": f"{result.mean_success:.2f}"}, refresh=False)
         tqdm.write(result.summary(self.counters.env_steps, self.cfg.eval.episodes))
         return result
+
+    def _video_due(self, last: bool) -> bool:
+        """Videos go with every `eval.video_every`-th evaluation (counted from the run's start, so a resume
+        keeps the schedule) and with the last one."""
+        every = self.cfg.eval.every
+        evaluations = self.counters.env_steps // every if every else 1
+        return self.videos is not None and (last or evaluations % self.cfg.eval.video_every == 0)
+
+    def record_videos(self) -> dict[str, Path]:
+        """Videos of the current policy's evaluation episodes in `run_dir/videos/step_<step>/<task>.mp4`."""
+        step = self.counters.env_steps
+        out_dir = self.run_dir / "videos" / f"step_{step:010d}"
+        videos = self.videos(self.policy(), out_dir, progress=self.cfg.log.progress)
+        paths = {task: video.path for task, video in videos.items()}
+        self.logger.log_videos(step, paths)
+        tqdm.write(f"step {step}: videos of the evaluation episodes in {out_dir}")
+        return paths
 
     def save_checkpoint(self) -> Path:
         """Write the run's state as `step_<step>.pt`; also as `best.pt` if its last evaluation is the best yet."""
