@@ -196,6 +196,15 @@ def test_the_torch_build_argument_picks_the_wheel_index_and_the_docs_give_each_b
     assert f"cu126 (default; driver >= {drivers['cu126'].removeprefix('>= ')})" in (ROOT / "Dockerfile").read_text()
 
 
+def test_the_readme_gives_the_same_driver_table_as_the_container_docs():
+    lines = [line for line in CONTAINER_DOC.read_text().splitlines() if line.startswith("| ")]
+    header = next(i for i, line in enumerate(lines) if "`TORCH_BUILD`" in line)
+    table = lines[header : header + 2 + len(_driver_table())]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index(table[0])
+    assert readme[start : start + len(table)] == table
+
+
 def test_the_cpu_build_renders_in_software():
     runs = " ".join(_final().args("RUN"))
     assert 'if [ "$TORCH_BUILD" = cpu ]; then apt-get install -y --no-install-recommends libosmesa6; fi' in runs
