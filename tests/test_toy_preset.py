@@ -9,7 +9,7 @@ from pathlib import Path
 from mtrl.checkpoint import checkpoint_step, latest_checkpoint
 from mtrl.cli import main
 from mtrl.config import load_config, to_dict
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from tests.conftest import toy_config
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"

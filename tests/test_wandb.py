@@ -14,7 +14,7 @@ import pytest
 
 from mtrl.cli import main
 from mtrl.config import ConfigError
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.tracking import WANDB_ID_FILE
 from tests.conftest import TOY_OVERRIDES
 
