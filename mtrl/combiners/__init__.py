@@ -15,6 +15,8 @@ from typing import Any
 from mtrl.combiners.base import Combiner, HyperParameters
 from mtrl.combiners.cagrad import CAGrad
 from mtrl.combiners.conicgrad import ConicGrad
+from mtrl.combiners.famo import FAMO
+from mtrl.combiners.gradnorm import GradNorm
 from mtrl.combiners.imgrad import IMGrad
 from mtrl.combiners.mean import Mean
 from mtrl.combiners.mgda import MGDA
@@ -43,6 +45,8 @@ COMBINERS: dict[str, type[Combiner]] = {
     "mgda": MGDA,
     "pcgrad": PCGrad,
     "nashmtl": NashMTL,
+    "famo": FAMO,
+    "gradnorm": GradNorm,
 }
 
 
