@@ -105,6 +105,8 @@ class GradNorm(Combiner):
         gradient = signs * norms  # ∂L_grad/∂w_i with the target held constant
         if reference:  # the target's own dependence on w through Ḡ
             gradient = gradient - norms * (signs * powered).mean()
+        # sign(NaN) is 0: a rate that is not finite (a loss that changed sign) must void the proposal instead.
+        gradient = torch.where(torch.isfinite(powered).all(), gradient, torch.nan)
         moments = {key: state[key] for key in ("exp_avg", "exp_avg_sq", "step")}
         stepped, moments = adam_step(weights, gradient, moments, self.parameters.weight_lr)
         stepped = stepped.clamp(min=MIN_WEIGHT)
