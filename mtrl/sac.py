@@ -246,7 +246,9 @@ def network_gradients(
             return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
         losses, aux, weights = weighted_backward(objective, lambda values: combiner.loss_weights(seen(values)))
         finite = torch.isfinite(losses).all()
-        return NetworkGradients(losses, aux, finite, None, None, None, weights, objective, seen(losses))
+        return NetworkGradients(
+            losses, aux, finite, None, weights=weights, objective=objective, task_losses=seen(losses)
+        )
     grads = task_jacobian(objective, tasks)
     write_task_grads(objective.task, grads.task, tasks)
     losses, aux = grads.losses, grads.aux
@@ -500,8 +502,8 @@ class SACUpdate:
 
         Tasks that took no part in a network's losses keep its task-specific slices and their
         optimizer moments; a task's temperature follows its actor loss. Last, each combiner ends its
-        update (`Combiner.after_step`, given the losses after the step if it needs them): the
-        only place its state changes, so a skipped update leaves it as it was.
+        update (`Combiner.after_step`, given the losses after the step if it needs them), where the
+        loss-weighting methods commit what they learned: only for a step that is taken.
         """
         steps = (
             ("critic", gradients.critic, gradients.critic.drawn),

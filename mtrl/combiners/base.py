@@ -8,8 +8,8 @@ Loss-weighting methods (FAMO, GradNorm) fit the same interface: their weights co
 per-task losses (`TaskLosses`) rather than, or besides, the Gramian. A method that needs no Jacobian
 (`needs_jacobian = False`) gives its weights before the backward (`loss_weights`), and the update
 then backpropagates Σ_i w_i L_i once. A method that learns from the step it caused reads the losses
-after it (`after_step`), which is also the one place any combiner's state may change once the update
-is known to be taken, so that a skipped update leaves it exactly as it was.
+after it (`after_step`), where it also commits its state, and only once the update is known to be
+taken: a skipped update leaves that state exactly as it was.
 
 Each combiner declares its hyper-parameters as a frozen dataclass (`HyperParameters`), which the
 run configuration reads for the keys, types, defaults and help of its `combiner` section
