@@ -21,13 +21,15 @@ LAST_LAYER = [6, 7, 8, 15, 16, 17]
 class Algorithm1:
     """GradNorm's weight update for one network, in float64, written independently of the combiner."""
 
-    def __init__(self, k: int, alpha: float, lr: float, hold_target: bool):
+    def __init__(self, k: int, alpha: float, lr: float, hold_target: bool, min_loss: float):
         self.weights = torch.ones(k, dtype=torch.float64, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.weights], lr=lr)
         self.alpha, self.hold_target, self.initial = alpha, hold_target, None
+        self.min_loss = min_loss
 
     def step(self, norms: list[float], losses: list[float]) -> None:
         k = len(losses)
+        losses = [loss - self.min_loss for loss in losses]
         if self.initial is None:
             self.initial = list(losses)
         ratios = [loss / first for loss, first in zip(losses, self.initial, strict=True)]
@@ -46,13 +48,13 @@ class Algorithm1:
             self.weights.mul_(k / self.weights.sum())
 
 
-@pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_weight_updates_follow_the_algorithm(variant):
+@pytest.mark.parametrize(("variant", "min_loss"), [("paper", 0.0), ("reference", 0.0), ("paper", -3.0)])
+def test_weight_updates_follow_the_algorithm(variant, min_loss):
     k, steps, alpha, lr = 4, 15, 1.5, 0.05
-    combiner = make_combiner("gradnorm", alpha=alpha, weight_lr=lr, variant=variant)
-    reference = Algorithm1(k, alpha, lr, hold_target=variant == "paper")
+    combiner = make_combiner("gradnorm", alpha=alpha, weight_lr=lr, variant=variant, min_loss=min_loss)
+    reference = Algorithm1(k, alpha, lr, hold_target=variant == "paper", min_loss=min_loss)
     generator = torch.Generator().manual_seed(0)
-    losses = torch.rand(k, generator=generator, dtype=torch.float64) + 0.5
+    losses = torch.rand(k, generator=generator, dtype=torch.float64) + 0.5 + min_loss  # some negative if ℓ* < 0
     for _ in range(steps):
         matrix = torch.randn(k, 18, generator=generator, dtype=torch.float64) * torch.tensor([[0.5], [1], [2], [4]])
         losses = losses * (0.8 + 0.3 * torch.rand(k, generator=generator, dtype=torch.float64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ STATE_KEYS = frozenset({"weights", "exp_avg", "exp_avg_sq", "step", "initial_los
 class GradNormParameters(HyperParameters):
     alpha: float = hyper_parameter(0.12, "α: asymmetry, how closely gradient norms follow the training rates; >= 0")
     weight_lr: float = hyper_parameter(3e-4, "learning rate of the task weights (Adam); > 0")
+    min_loss: float = hyper_parameter(0.0, "ℓ*: the loss offset of every task, the rates use (L − ℓ*)/(L(0) − ℓ*)")
     variant: str = hyper_parameter(
         "paper", "paper | reference (the v3 reference code: whole gradient, target not held, new weights summed)"
     )
@@ -40,6 +42,9 @@ class GradNormParameters(HyperParameters):
     def __post_init__(self) -> None:
         self._store("alpha", check_number("alpha", self.alpha, low=0.0))
         self._store("weight_lr", check_number("weight_lr", self.weight_lr, low=0.0, low_open=True))
+        self._store("min_loss", check_number("min_loss", self.min_loss))
+        if not math.isfinite(self.min_loss):
+            raise ValueError(f"`min_loss` must be finite, found {self.min_loss!r}")
         check_choice("variant", self.variant, VARIANTS)
 
 
@@ -47,9 +52,10 @@ class GradNorm(Combiner):
     """Task weights w (Σ w = K) learned so that each task's gradient norm follows its training rate.
 
     Chen et al. (2018), Algorithm 1: with n_i = ‖∇_W L_i‖ on the last shared layer W, G_i = w_i n_i,
-    Ḡ = mean_i G_i, the inverse training rates r_i = (L_i/L_i(0)) / mean_j(L_j/L_j(0)) (L(0): the
-    first losses seen) and the target Ḡ r_i^α held constant, w takes one Adam step on
-    L_grad = Σ_i |G_i − Ḡ r_i^α|, then is renormalised to Σ w = K. The model steps with the weights
+    Ḡ = mean_i G_i, the inverse training rates r_i = (L̃_i/L̃_i(0)) / mean_j(L̃_j/L̃_j(0)) with
+    L̃ = L − ℓ* (ℓ* = `min_loss`, 0 in the paper; L(0): the first losses seen) and the target
+    Ḡ r_i^α held constant, w takes one Adam step on L_grad = Σ_i |G_i − Ḡ r_i^α|, then is
+    renormalised to Σ w = K. The model steps with the weights
     from before that step, on the mean-scaled (1/K) Σ_i w_i L_i: d = Gᵀw/K, which is `mean` while w = 1.
 
     `variant="reference"` is the v3 reference code: n_i from the whole shared gradient, the target not
@@ -98,7 +104,7 @@ class GradNorm(Combiner):
         rows = matrix if reference else matrix.index_select(1, self._last_layer(losses.shared_layout, matrix.device))
         norms = rows.double().norm(dim=1)
         weights = state["weights"]
-        ratios = values / initial_losses
+        ratios = (values - self.parameters.min_loss) / (initial_losses - self.parameters.min_loss)
         powered = (ratios / ratios.mean()) ** self.parameters.alpha  # r_i^α
         grad_norms = weights * norms  # G_i
         signs = torch.sign(grad_norms - grad_norms.mean() * powered)
