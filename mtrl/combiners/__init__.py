@@ -12,9 +12,11 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mtrl.combiners.alignedmtl import AlignedMTL
 from mtrl.combiners.base import Combiner, HyperParameters
 from mtrl.combiners.cagrad import CAGrad
 from mtrl.combiners.conicgrad import ConicGrad
+from mtrl.combiners.fairgrad import FairGrad
 from mtrl.combiners.imgrad import IMGrad
 from mtrl.combiners.mean import Mean
 from mtrl.combiners.mgda import MGDA
@@ -22,6 +24,7 @@ from mtrl.combiners.nashmtl import NashMTL
 from mtrl.combiners.pcgrad import PCGrad
 from mtrl.combiners.sdmgrad import SDMGrad
 from mtrl.combiners.sdmgrad_os import SDMGradOS
+from mtrl.combiners.upgrad import UPGrad
 
 __all__ = [
     "COMBINERS",
@@ -43,6 +46,9 @@ COMBINERS: dict[str, type[Combiner]] = {
     "mgda": MGDA,
     "pcgrad": PCGrad,
     "nashmtl": NashMTL,
+    "fairgrad": FairGrad,
+    "alignedmtl": AlignedMTL,
+    "upgrad": UPGrad,
 }
 
 
