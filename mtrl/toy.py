@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.combiners.base import TaskLosses
 from mtrl.config import ConfigError
 
 STARTS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
@@ -43,9 +44,14 @@ TOY_HYPER_PARAMETERS: dict[str, dict[str, Any]] = {
     "imgrad": {"c": 0.9, "variant": "paper", "rescale": 1},
     "fairgrad": {"alpha": 2.0},
     "alignedmtl": {"scale": "min"},
+    # FAMO's authors ran their toy with their generic class (the paper's weights) and loss offsets of -21
+    "famo": {"variant": "paper", "logit_lr": 0.025, "logit_decay": 0.01, "min_loss": -21.0},
+    "gradnorm": {"alpha": 0.12, "weight_lr": 3e-4, "min_loss": -21.0},
 }
 """Each combiner's hyper-parameters in the toy: those of its MT10 preset (configs/mt10_<name>.yaml),
-except CAGrad's c. Combiners not listed take their defaults, as their presets do."""
+except CAGrad's c and what the loss-weighting methods need: the toy's losses reach −20, so FAMO and
+GradNorm take the loss offset ℓ* = −21, and FAMO the paper's weights. Combiners not listed take their
+defaults, as their presets do."""
 
 _FLOOR = 5e-6
 """The valleys' logarithm is floored here, as in the paper's code, so that its bottom stays finite."""
@@ -109,12 +115,23 @@ def pareto_set(count: int = 201) -> Tensor:
 
 
 def combiner_direction(name: str, generator: torch.Generator) -> Direction:
-    """Combiner `name` with its toy hyper-parameters as a `Direction` (one per start: it may keep state)."""
+    """Combiner `name` with its toy hyper-parameters as a `Direction` (one per start: it may keep state).
+
+    As in the training update, the combiner sees the rows' losses, and each step ends with
+    `Combiner.after_step`: here at the next call, whose losses are those after the previous step (the
+    landscape is deterministic, so they are what evaluating them again after the step would give).
+    """
     combiner = make_combiner(name, **TOY_HYPER_PARAMETERS.get(name, {}))
+    ended: list[tuple[TaskLosses, Tensor]] = []  # the last call's losses and rows, until the next call
 
     def direction(gradients: Tensor, losses: Tensor) -> Tensor:
+        if ended:
+            seen, rows = ended.pop()
+            combiner.after_step(seen, losses[rows] if combiner.needs_losses_after else None, None)
         tasks = combiner.select_tasks(gradients.shape[0], generator)
-        return combiner(gradients[tasks], generator=generator)
+        seen = TaskLosses("toy", losses[tasks], (("x", 2),))
+        ended.append((seen, tasks))
+        return combiner(gradients[tasks], generator=generator, losses=seen)
 
     return direction
 

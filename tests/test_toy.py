@@ -11,7 +11,8 @@ import yaml
 
 from mtrl import toy
 from mtrl.cli import main
-from mtrl.combiners import COMBINERS
+from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.combiners.base import TaskLosses
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -78,12 +79,16 @@ def test_a_direction_that_serves_task_one_reaches_its_minimiser():
     assert (trajectories.final[0, 0] - end).norm() < 0.05
 
 
+TOY_ONLY = {"cagrad": {"c": 0.5}, "famo": {"variant": "paper", "min_loss": -21.0}, "gradnorm": {"min_loss": -21.0}}
+"""CAGrad's c from the paper's toy; a loss offset below the toy's losses (≥ −20) and FAMO's paper weights."""
+
+
 def test_the_hyper_parameters_are_the_mt10_presets_with_cagrads_c_from_the_paper():
     for name in set(COMBINERS) - {"mean"}:  # mean's preset is mt10_mtsac.yaml, with no combiner keys
         expected = yaml.safe_load((CONFIGS / f"mt10_{name}.yaml").read_text())["combiner"]
         assert expected.pop("name") == name
-        if name == "cagrad":
-            expected["c"] = 0.5
+        expected.pop("networks", None)  # which networks a combiner weighs: there are none in the toy
+        expected.update(TOY_ONLY.get(name, {}))
         assert toy.TOY_HYPER_PARAMETERS.get(name, {}) == expected, name
 
 
@@ -123,3 +128,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     error = capsys.readouterr().err
     assert error.startswith(f"mtrl: error: {message}") and error.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_loss_weighting_methods_learn_from_each_step_in_the_toy():
+    """FAMO's logits and GradNorm's weights are committed after each step (`after_step`): a FAMO that
+    never learns them follows another path from the same start."""
+    learning = toy.simulate(["famo", "gradnorm"], steps=300, learning_rate=0.05, starts=[(-8.5, 7.5)])
+    assert torch.isfinite(learning.points).all()
+    frozen_famo = make_combiner("famo", **toy.TOY_HYPER_PARAMETERS["famo"])
+
+    def frozen(name, generator):
+        return lambda gradients, losses: frozen_famo(gradients, losses=TaskLosses("toy", losses, (("x", 2),)))
+
+    never = toy.simulate(["famo"], frozen, steps=300, learning_rate=0.05, starts=[(-8.5, 7.5)])
+    assert (never.final[0, 0] - learning.final[0, 0]).norm() > 1e-3

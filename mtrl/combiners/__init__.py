@@ -17,6 +17,8 @@ from mtrl.combiners.base import Combiner, HyperParameters
 from mtrl.combiners.cagrad import CAGrad
 from mtrl.combiners.conicgrad import ConicGrad
 from mtrl.combiners.fairgrad import FairGrad
+from mtrl.combiners.famo import FAMO
+from mtrl.combiners.gradnorm import GradNorm
 from mtrl.combiners.imgrad import IMGrad
 from mtrl.combiners.mean import Mean
 from mtrl.combiners.mgda import MGDA
@@ -49,6 +51,8 @@ COMBINERS: dict[str, type[Combiner]] = {
     "fairgrad": FairGrad,
     "alignedmtl": AlignedMTL,
     "upgrad": UPGrad,
+    "famo": FAMO,
+    "gradnorm": GradNorm,
 }
 
 
