@@ -21,7 +21,7 @@ import torch
 
 from mtrl.buffer import Batch
 from mtrl.build import set_cpu_threads
-from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.combiners import COMBINERS, Combiner, make_combiner
 from mtrl.compiled import COMPILE_MODES, CompiledUpdate, make_learner
 from mtrl.config import AgentConfig, ConfigError
 from mtrl.jacobian import mean_backward, task_jacobian
@@ -71,7 +71,17 @@ def _update(
         torch.manual_seed(0)
         agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=hidden)).to(device)
     optimization = Optimization(agent.params, optimizer, agent.learning_rates, k)
-    return make_learner(SACUpdate(agent, optimization, combiner, ["critic", "actor"]), compile)
+    return make_learner(SACUpdate(agent, optimization, combiner, bench_networks(combiner)), compile)
+
+
+def bench_networks(combiner: Combiner) -> list[str]:
+    """The networks a combiner is timed on: critic and actor, or the critic alone for a combiner that
+    weighs only the critic's losses (FAMO, GradNorm)."""
+    try:
+        combiner.check_networks(["critic", "actor"])
+    except ValueError:
+        return ["critic"]
+    return ["critic", "actor"]
 
 
 def bench_update(
@@ -96,6 +106,8 @@ def bench_update(
             mean_backward_ms = median_ms(lambda o=objective: mean_backward(o), device, repeats)
 
             for mode, name in ((mode, name) for mode in compile_modes for name in combiners):
+                if mode != "none" and name in COMBINERS and not COMBINERS[name].supports_compile:
+                    continue  # refused by the config too (train.compile)
                 update = _update(k, hidden, name, device, mode)
                 warmup = 2 if mode == "none" else 4  # compiling, then recording the graphs
                 update_ms = median_ms(partial(update, batch, gen, cpu_gen), device, repeats, warmup)
@@ -107,6 +119,7 @@ def bench_update(
                         "K": k,
                         "device": str(device),
                         "compile": mode,
+                        "networks": bench_networks(update.combiner),
                         "update_ms": round(update_ms, 3),
                         "ratio_to_mean": None if mean_update_ms is None else round(update_ms / mean_update_ms, 3),
                         "jacobian_ms": round(jacobian_ms, 3),

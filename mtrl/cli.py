@@ -1,4 +1,4 @@
-"""Command line: `mtrl train | eval | bench | report`. Thin: parsing, then one call into the package."""
+"""Command line: `mtrl train | eval | bench | report | toy`. Thin: parsing, then one call into the package."""
 
 from __future__ import annotations
 
@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (bench_train, bench_env):  # `mtrl bench train`, `mtrl bench env`
         module.add_parser(bench_sub)
 
-    from mtrl import baseline, report, sweep
+    from mtrl import baseline, report, sweep, toy
 
-    for module in (baseline, report, sweep):  # each owns its subcommand's parser and body
+    for module in (baseline, report, sweep, toy):  # each owns its subcommand's parser and body
         module.add_parser(sub)
     return parser
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
 
     args = build_parser().parse_args(argv)
     setup_console()
-    from mtrl import baseline, report, sweep
+    from mtrl import baseline, report, sweep, toy
 
     commands = {
         "train": functools.partial(cmd_train, callbacks=callbacks),
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         "baseline": baseline.run,
         "report": report.run,
         "sweep": sweep.run,
+        "toy": toy.run,
     }
     try:
         return commands[args.command](args)

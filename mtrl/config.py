@@ -336,7 +336,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
-    from mtrl.combiners import check_hyper_parameters  # local: keeps config import light
+    from mtrl.combiners import check_hyper_parameters, combiner_class  # local: keeps config import light
 
     _check(cfg.seed >= 0, f"seed must be >= 0, found {cfg.seed}")
     _check(
@@ -389,6 +389,7 @@ def validate(cfg: Config) -> None:
     )
     try:
         check_hyper_parameters(comb.name, comb.hyper_parameters())
+        combiner_class(comb.name).check_networks(comb.networks)
     except ValueError as err:
         raise ConfigError(f"combiner: {err}") from None
     _choice("optimizer.name", cfg.optimizer.name, ("adam", "adatask"))
@@ -415,6 +416,11 @@ def validate(cfg: Config) -> None:
         _check(value is None or value > 0, f"train.{key} must be > 0 or null, found {value}")
     _choice("train.rng_device", train.rng_device, ("auto", "cpu"))
     _choice("train.compile", train.compile, ("none", "default", "reduce-overhead"))
+    _check(
+        train.compile == "none" or combiner_class(comb.name).supports_compile,
+        f"train.compile must be none for combiner {comb.name!r} (it learns from each step outside the compiled "
+        f"update), found {train.compile!r}",
+    )
     _check(
         train.buffer_device in ("auto", "cpu") or train.buffer_device.startswith("cuda"),
         f"train.buffer_device must be auto, cpu or a cuda device, found {train.buffer_device!r}",

@@ -27,10 +27,18 @@ from torch.func import functional_call
 
 from mtrl.buffer import Batch
 from mtrl.combiners import Combiner
-from mtrl.combiners.base import move
+from mtrl.combiners.base import TaskLosses, move
 from mtrl.combiners.diagnostics import gradient_diagnostics
 from mtrl.config import AgentConfig
-from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian, write_shared_grad, write_task_grads
+from mtrl.jacobian import (
+    TaskObjective,
+    mean_backward,
+    task_jacobian,
+    task_losses,
+    weighted_backward,
+    write_shared_grad,
+    write_task_grads,
+)
 from mtrl.networks import Actor, TwinCritic, squashed_sample, task_parameter_names
 from mtrl.optim import NetworkParameters, Optimization
 
@@ -199,6 +207,8 @@ class NetworkGradients:
     matrix: Tensor | None = None  # [k, n] per-task gradients of the shared parameters, when computed
     update: Tensor | None = None  # the direction written to the shared `.grad`, when `matrix` was computed
     weights: Tensor | None = None  # the combiner's task weights of `update`, when a combiner ran
+    objective: TaskObjective | None = None  # the losses, to evaluate again after the step
+    task_losses: TaskLosses | None = None  # what the combiner saw of the losses, when a combiner ran
 
 
 def network_gradients(
@@ -207,29 +217,43 @@ def network_gradients(
     tasks: Tensor | None,
     draws: Tensor | None,
     per_task: bool,
+    network: str = "",
 ) -> NetworkGradients:
-    """Write `.grad` of one network from its K per-task losses.
+    """Write `.grad` of one network (named `network`) from its K per-task losses.
 
     Shared parameters get the combiner's direction d = combiner(G), the plain mean of the rows when
     `combiner` is None; task-specific parameters get their own task's gradient. G, the per-task
     gradient matrix of the shared parameters, is computed in one batched pass (for `tasks` only,
-    when given) if `per_task` is set or the combiner needs it; otherwise one backward of the summed
-    losses gives the same `.grad` as the mean.
+    when given) if `per_task` is set or the combiner needs it; otherwise one backward of the
+    losses weighted by the combiner's `loss_weights` (the plain mean: of their sum) gives the
+    same `.grad` as d = Gᵀw would.
     """
+    layout = tuple((name, p.numel()) for name, p in objective.shared.items())
+
+    def seen(values: Tensor) -> TaskLosses:
+        return TaskLosses(network, values, layout)
+
     if not per_task and (combiner is None or not combiner.needs_jacobian):
-        losses, aux = mean_backward(objective)
-        return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
+        if combiner is None:
+            losses, aux = mean_backward(objective)
+            return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
+        losses, aux, weights = weighted_backward(objective, lambda values: combiner.loss_weights(seen(values)))
+        finite = torch.isfinite(losses).all()
+        return NetworkGradients(
+            losses, aux, finite, None, weights=weights, objective=objective, task_losses=seen(losses)
+        )
     grads = task_jacobian(objective, tasks)
     write_task_grads(objective.task, grads.task, tasks)
-    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, draws=draws)
-    write_shared_grad(objective.shared, update)
     losses, aux = grads.losses, grads.aux
+    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, draws=draws, losses=seen(losses))
+    write_shared_grad(objective.shared, update)
     finite = torch.isfinite(losses).all()
+    record = None if combiner is None else seen(losses)
     if tasks is not None:  # tasks that were not drawn have no loss this update
         losses = losses.new_full((objective.num_tasks,), float("nan")).index_copy(0, tasks, losses)
         aux = aux.new_full((objective.num_tasks,), float("nan")).index_copy(0, tasks, aux)
     weights = None if combiner is None else combiner.last_weights
-    return NetworkGradients(losses, aux, finite, tasks, grads.matrix, update, weights)
+    return NetworkGradients(losses, aux, finite, tasks, grads.matrix, update, weights, objective, record)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> Tensor:
@@ -429,7 +453,7 @@ class SACUpdate:
     ) -> NetworkGradients:
         combiner = self.combiners[net]
         per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.combined)
-        grads = network_gradients(objective, combiner, None if combiner is None else tasks, draws, per_task)
+        grads = network_gradients(objective, combiner, None if combiner is None else tasks, draws, per_task, net)
         for hook in self.hooks:
             hook.on_gradients(net, objective.parameters())
         return grads
@@ -439,7 +463,9 @@ class SACUpdate:
         tensor), all of it only where it holds, decided on the device.
 
         Tasks that took no part in a network's losses keep its task-specific slices and their
-        optimizer moments; a task's temperature follows its actor loss.
+        optimizer moments; a task's temperature follows its actor loss. Last, each combiner ends its
+        update (`Combiner.after_step`, given the losses after the step if it needs them), where the
+        loss-weighting methods commit what they learned: only for a step that is taken.
         """
         steps = (
             ("critic", gradients.critic, gradients.critic.drawn),
@@ -458,3 +484,9 @@ class SACUpdate:
             polyak_update(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau)
         else:
             polyak_update_where(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau, where)
+        for net, grads, _ in steps:
+            combiner = self.combiners[net]
+            if combiner is not None and grads.task_losses is not None:
+                # The same batch, noise and targets at the stepped parameters (FAMO's loss decrease).
+                after = task_losses(grads.objective) if combiner.needs_losses_after else None
+                combiner.after_step(grads.task_losses, after, where)

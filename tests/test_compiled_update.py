@@ -151,7 +151,7 @@ def test_the_whole_update_compiles_as_one_graph(case):
 
 
 @pytest.mark.slow  # tracing takes 15-25 s each: the combiners' solvers unroll into the graph
-@pytest.mark.parametrize("combiner", ["cagrad", "nashmtl", "sdmgrad_os"])
+@pytest.mark.parametrize("combiner", ["cagrad", "nashmtl", "sdmgrad_os", "fairgrad", "alignedmtl", "upgrad"])
 def test_the_whole_update_compiles_as_one_graph_with_an_iterative_combiner(combiner):
     torch._dynamo.reset()
 

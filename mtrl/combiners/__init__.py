@@ -14,9 +14,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from mtrl.combiners.alignedmtl import AlignedMTL
 from mtrl.combiners.base import Combiner, HyperParameters
 from mtrl.combiners.cagrad import CAGrad
 from mtrl.combiners.conicgrad import ConicGrad
+from mtrl.combiners.fairgrad import FairGrad
+from mtrl.combiners.famo import FAMO
+from mtrl.combiners.gradnorm import GradNorm
 from mtrl.combiners.imgrad import IMGrad
 from mtrl.combiners.mean import Mean
 from mtrl.combiners.mgda import MGDA
@@ -24,6 +28,7 @@ from mtrl.combiners.nashmtl import NashMTL
 from mtrl.combiners.pcgrad import PCGrad
 from mtrl.combiners.sdmgrad import SDMGrad
 from mtrl.combiners.sdmgrad_os import SDMGradOS
+from mtrl.combiners.upgrad import UPGrad
 
 __all__ = [
     "COMBINERS",
@@ -46,6 +51,11 @@ COMBINERS: dict[str, type[Combiner]] = {
     "mgda": MGDA,
     "pcgrad": PCGrad,
     "nashmtl": NashMTL,
+    "fairgrad": FairGrad,
+    "alignedmtl": AlignedMTL,
+    "upgrad": UPGrad,
+    "famo": FAMO,
+    "gradnorm": GradNorm,
 }
 
 
