@@ -10,6 +10,7 @@ import torch
 from mtrl.bench import ACT_DIM, OBS_DIM, synthetic_batch
 from mtrl.combiners import make_combiner
 from mtrl.combiners.base import TaskLosses
+from mtrl.compiled import CompiledUpdate
 from mtrl.config import AgentConfig, ConfigError
 from mtrl.optim import Optimization
 from mtrl.sac import MTSAC, SACUpdate, network_gradients
@@ -86,11 +87,12 @@ def test_logits_are_kept_per_network():
     assert combiner.logits("critic")[0] < combiner.logits("critic")[1]  # task 0's loss fell: it loses weight
 
 
-def _update(k=3, combiner="famo", variant="conditioned", **kwargs) -> SACUpdate:
+def _update(k=3, combiner="famo", variant="conditioned", device_steps=False) -> SACUpdate | CompiledUpdate:
     torch.manual_seed(0)
     agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=[16, 16], variant=variant))
     optimization = Optimization(agent.params, "adam", agent.learning_rates, k)
-    return SACUpdate(agent, optimization, make_combiner(combiner), ["critic"], **kwargs)
+    update = SACUpdate(agent, optimization, make_combiner(combiner), ["critic"])
+    return CompiledUpdate(update) if device_steps else update
 
 
 def _batch(k=3, seed=0):
@@ -194,7 +196,7 @@ def test_resume_restores_the_logits_and_their_adam_state_exactly(tmp_path):
     straight = _train(tmp_path / "straight", *overrides)
     split = tmp_path / "split"
     _train(split, *overrides, "train.total_steps=40")
-    resumed = Trainer(toy_config(split, *overrides), split, resume=True)
+    resumed = Trainer.resume(split, overrides)
     assert resumed.combiner.state_dict()["critic"]["step"].item() == 21  # the updates of steps 20 to 40
     assert resumed.train() == 0
     assert _states_equal(resumed.combiner.state_dict(), straight.combiner.state_dict())
