@@ -195,13 +195,16 @@ def _get(config: dict, dotted: str) -> Any:
 
 
 def method_name(config: dict) -> str | None:
-    """A top-level `method` if the config names one, else `adatask` or the combiner; `-multihead` appended."""
+    """A top-level `method` if the config names one, else `adatask` or the combiner; `-<architecture>`
+    appended unless the architecture is `conditioned` (so runs group by method and architecture)."""
     name = config.get("method")
     if name is None:
         name = "adatask" if _get(config, "optimizer.name") == "adatask" else _get(config, "combiner.name")
     if name is None:
         return None
-    return f"{name}-multihead" if _get(config, "agent.variant") == "multihead" else str(name)
+    # agent.variant: runs saved before agent.architecture replaced it
+    architecture = _get(config, "agent.architecture") or _get(config, "agent.variant")
+    return str(name) if architecture in (None, "conditioned") else f"{name}-{architecture}"
 
 
 def benchmark_name(config: dict) -> str | None:
