@@ -54,27 +54,38 @@ class TaskEmbedding(TaskOwned):
 
 
 class ExpertLinear(nn.Module):
-    """E independent linear maps side by side: `[..., in]` (one input for all, `shared_input`) or
-    `[..., E, in]` (expert e reads row e) to `[..., E, out]`."""
+    """E independent linear maps side by side, expert axis before the batch: `[..., B, in]` (one input
+    for all, `shared_input`) or `[..., E, B, in]` (expert e reads row e) to `[..., E, B, out]`.
+
+    Expert-major layout: each expert is one `[B, in] @ [in, out]` product (an einsum over a trailing
+    expert axis becomes a permuted bmm, which is many times slower on a busy CPU)."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, shared_input: bool):
         super().__init__()
         bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, per expert
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features).uniform_(-bound, bound))
-        self.equation = "...i,eio->...eo" if shared_input else "...ei,eio->...eo"
+        self.shared_input = shared_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum(self.equation, x, self.weight) + self.bias
+        if self.shared_input:
+            x = x.unsqueeze(-3)
+        return x @ self.weight + self.bias.unsqueeze(-2)
 
 
 def expert_mlp(num_experts: int, in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
-    """E MLPs on one input (ReLU between layers, none after the last): `[..., in]` to `[..., E, out]`."""
+    """E MLPs on one input (ReLU between layers, none after the last): `[..., B, in]` to `[..., E, B, out]`."""
     layers: list[nn.Module] = []
     for width in [*hidden, out_dim]:
         layers += [ExpertLinear(num_experts, in_dim, width, shared_input=not layers), nn.ReLU()]
         in_dim = width
     return nn.Sequential(*layers[:-1])
+
+
+def per_expert(weights: torch.Tensor) -> torch.Tensor:
+    """Weights `[..., 1, E]` (one per task, as `TaskEmbedding` gives them) as `[..., E, 1, 1]`, to scale
+    expert-major outputs `[..., E, B, d]`."""
+    return weights.transpose(-1, -2).unsqueeze(-1)
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int | None = None) -> nn.Sequential:

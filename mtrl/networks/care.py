@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mtrl.combiners.base import HyperParameters, check_number, hyper_parameter
-from mtrl.networks.base import Architecture, NetworkShape, TaskEmbedding, expert_mlp, mlp
+from mtrl.networks.base import Architecture, NetworkShape, TaskEmbedding, expert_mlp, mlp, per_expert
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,6 @@ class CARE(Architecture):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, attention = self.task_context()
-        encoded = self.encoders(self.shape.without_one_hot(x))  # [K, B, E, D]
-        mixture = (attention.unsqueeze(-1) * encoded).sum(-2)
+        encoded = self.encoders(self.shape.without_one_hot(x))  # [K, E, B, D]
+        mixture = (per_expert(attention) * encoded).sum(-3)
         return self.torso(torch.cat([mixture, context.expand(*mixture.shape[:-1], -1)], dim=-1))

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from mtrl.combiners.base import HyperParameters, check_number, hyper_parameter
-from mtrl.networks.base import Architecture, NetworkShape, TaskEmbedding, TaskLinear, expert_mlp
+from mtrl.networks.base import Architecture, NetworkShape, TaskEmbedding, TaskLinear, expert_mlp, per_expert
 
-GRAM_SCHMIDT_EPS = 1e-8  # added to each norm, as in the authors' code
+# Each vector is divided by max(‖v‖, eps): no division by zero for a dependent expert, and an exact unit
+# norm otherwise (the authors divide by ‖v‖ + 1e-8, which leaves norms 1e-8/‖v‖ short of one).
+GRAM_SCHMIDT_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -21,15 +23,15 @@ class MOOREParameters(HyperParameters):
 
 
 def gram_schmidt(u: torch.Tensor, eps: float = GRAM_SCHMIDT_EPS) -> torch.Tensor:
-    """Classic Gram–Schmidt over the expert axis of `u` `[..., E, d]` (paper Eq. 4): expert 0
-    normalised, each next expert minus its projections on the basis so far, then normalised."""
+    """Classic Gram–Schmidt of each sample's expert vectors, `u` `[..., E, B, d]` (paper Eq. 4): expert
+    0 normalised, each next expert minus its projections on the basis so far, then normalised."""
     basis: list[torch.Tensor] = []
-    for e in range(u.shape[-2]):
-        v = u[..., e, :]
+    for e in range(u.shape[-3]):
+        v = u[..., e, :, :]
         for b in basis:
             v = v - (v * b).sum(-1, keepdim=True) * b
-        basis.append(v / (v.norm(dim=-1, keepdim=True) + eps))
-    return torch.stack(basis, dim=-2)
+        basis.append(v / v.norm(dim=-1, keepdim=True).clamp_min(eps))
+    return torch.stack(basis, dim=-3)
 
 
 class MOORE(Architecture):
@@ -55,10 +57,10 @@ class MOORE(Architecture):
             )
 
     def orthonormal_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """The experts' representations of each sample after Gram–Schmidt, `[K, B, E, d]`."""
+        """The experts' representations of each sample after Gram–Schmidt, `[K, E, B, d]`."""
         return gram_schmidt(self.experts(self.shape.without_one_hot(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         basis = self.orthonormal_experts(x)
-        features = torch.tanh((self.task_weights().unsqueeze(-1) * basis).sum(-2))
+        features = torch.tanh((per_expert(self.task_weights()) * basis).sum(-3))
         return self.head(features)

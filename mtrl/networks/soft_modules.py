@@ -60,7 +60,8 @@ class SoftModules(Architecture):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """ReLU(f(s)) `[K, B, D]` and the routing probabilities of each layer: `[K, B, n, n]` (row i:
-        how module i of the next layer reads this layer's modules), the last one `[K, B, n]`."""
+        how module i of the next layer reads this layer's modules), the last one `[K, B, n]` (how the
+        output reads the last layer's modules)."""
         state = self.state_embedding(self.shape.without_one_hot(x))
         task = self.task_embedding() + self.task_embedding_bias
         embedding = self.routing_embedding(torch.relu(task * state))
@@ -77,8 +78,9 @@ class SoftModules(Architecture):
         return torch.relu(state), probabilities
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, probabilities = self.route(x)
+        g, probabilities = self.route(x)  # the modules' outputs are expert-major: [K, n, B, d]
         for layer, p in zip(self.base_layers[:-1], probabilities[:-1], strict=True):
-            g = torch.relu(p @ layer(g))
-        out = (probabilities[-1].unsqueeze(-1) * self.base_layers[-1](g)).sum(-2)
-        return self.head(torch.relu(out))
+            # module i of the next layer reads Σ_j p_ij out_j; p [K, B, i, j] as [K, i, j, B, 1]
+            g = torch.relu((p.movedim(-3, -1).unsqueeze(-1) * layer(g).unsqueeze(-4)).sum(-3))
+        last = probabilities[-1].transpose(-1, -2).unsqueeze(-1)  # [K, B, n] as [K, n, B, 1]
+        return self.head(torch.relu((last * self.base_layers[-1](g)).sum(-3)))
