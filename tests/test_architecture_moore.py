@@ -8,8 +8,8 @@ import torch
 from mtrl.networks import check_architecture
 from tests.architecture_properties import (  # noqa: F401
     OBS,
-    K,
     ArchitectureContract,
+    K,
     inputs,
     network,
     one_thread,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.architecture_properties import K, ArchitectureContract, inputs, network, one_thread  # noqa: F401
+from tests.architecture_properties import ArchitectureContract, K, inputs, network, one_thread  # noqa: F401
 
 
 class TestMultiHead(ArchitectureContract):
