@@ -11,8 +11,16 @@ class TestPaCo(ArchitectureContract):
     architecture = "paco"
 
 
-def test_task_ks_weights_are_the_shared_sets_composed_with_its_vector():
+def paco():
+    """A PaCo network whose shared offset of w is not zero (it starts at zero, which would hide it)."""
     net = network("paco")
+    with torch.no_grad():
+        net.task_vector_offset.copy_(torch.linspace(-0.5, 0.7, net.task_vector_offset.numel()))
+    return net
+
+
+def test_task_ks_weights_are_the_shared_sets_composed_with_its_vector():
+    net = paco()
     sets = net.task_vector.weight.shape[1]
     vectors = net.compositional_vector()
     for k in range(K):
@@ -27,7 +35,7 @@ def test_task_ks_weights_are_the_shared_sets_composed_with_its_vector():
 
 
 def test_output_is_task_ks_composed_network_and_the_mixture_of_the_sets_outputs():
-    net, x = network("paco"), inputs()
+    net, x = paco(), inputs()
     sets = net.task_vector.weight.shape[1]
     out = net(x)
     for k in range(K):
