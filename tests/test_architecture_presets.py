@@ -1,4 +1,5 @@
-"""The architecture presets: what each sets, and the parameter counts of the reference code's networks.
+"""The architecture presets and config: what each preset sets, the reference code's parameter counts,
+the refusals of bad settings, saved configs, and run names in reports.
 
 The counts were obtained from the reference code (rainx0r/metaworld-algorithms, Flax) by instantiating
 its modules for MT10 (observation 39 + one-hot, action 4); one critic = one of the twin Q-networks.
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtrl.config import load_config, to_dict
+from mtrl.config import ConfigError, config_from_dict, load_config, to_dict
 from mtrl.networks import ARCHITECTURES
+from mtrl.report import method_name
 from mtrl.sac import MTSAC
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -77,3 +79,41 @@ def test_mt50_sizes():
     assert load_config(CONFIGS / "mt50_care.yaml").agent.num_experts == 10
     soft = load_config(CONFIGS / "mt50_soft_modules.yaml").agent
     assert (soft.num_layers, soft.num_modules, soft.module_width) == (4, 4, 256)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["agent.variant=multihead"], r"agent.variant was replaced by agent.architecture \(agent.architecture=multihead"),
+        (["agent.architecture=mlp"], "agent: unknown architecture 'mlp'; choose from: conditioned, multihead,"),
+        (
+            ["agent.architecture=film", "agent.num_experts=4"],
+            "agent: unknown key 'num_experts' for architecture 'film'; its own keys: encoder_width, encoder_depth,",
+        ),
+        (["agent.architecture=moore", "agent.num_experts=0"], "agent: `num_experts` must be >= 1, found 0"),
+        (["agent.architecture=care", "agent.temperature=0"], "agent: `temperature` must be > 0, found 0"),
+        (
+            ["agent.architecture=moore", "agent.num_experts=9", "agent.hidden_sizes=[16,8]"],
+            r"agent: `num_experts` \(9\) must be at most the last hidden width \(8\)",
+        ),
+    ],
+)
+def test_bad_architecture_settings_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_a_key_of_the_architecture_is_unset_by_null_and_a_saved_variant_loads_as_its_architecture():
+    cfg = load_config(CONFIGS / "mt10_moore.yaml", ["agent.architecture=paco", "agent.num_experts=null"])
+    assert cfg.agent.hyper_parameters() == {"num_parameter_sets": 5}
+    saved = to_dict(load_config(None))
+    saved["agent"] = {**saved["agent"], "variant": "multihead"}
+    del saved["agent"]["architecture"]
+    assert config_from_dict(saved).agent.architecture == "multihead"
+
+
+def test_report_names_runs_by_method_and_architecture():
+    assert method_name(to_dict(load_config(CONFIGS / "mt10_moore_cagrad.yaml"))) == "cagrad-moore"
+    assert method_name(to_dict(load_config(CONFIGS / "mt10_cagrad.yaml"))) == "cagrad"
+    assert method_name({"combiner": {"name": "mean"}, "agent": {"variant": "multihead"}}) == "mean-multihead"
