@@ -84,7 +84,10 @@ def test_mt50_sizes():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["agent.variant=multihead"], r"agent.variant was replaced by agent.architecture \(agent.architecture=multihead"),
+        (
+            ["agent.variant=multihead"],
+            r"agent.variant was replaced by agent.architecture \(agent.architecture=multihead",
+        ),
         (["agent.architecture=mlp"], "agent: unknown architecture 'mlp'; choose from: conditioned, multihead,"),
         (
             ["agent.architecture=film", "agent.num_experts=4"],
