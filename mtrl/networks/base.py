@@ -57,8 +57,8 @@ class ExpertLinear(nn.Module):
     """E independent linear maps side by side, expert axis before the batch: `[..., B, in]` (one input
     for all, `shared_input`) or `[..., E, B, in]` (expert e reads row e) to `[..., E, B, out]`.
 
-    Expert-major layout: each expert is one `[B, in] @ [in, out]` product (an einsum over a trailing
-    expert axis becomes a permuted bmm, which is many times slower on a busy CPU)."""
+    Expert-major, one broadcast product `[..., E, B, in] @ [E, in, out]`: of the forms measured (this,
+    one product per expert, an einsum; docs/architectures.md#cost) it gives the cheapest per-task Jacobian."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, shared_input: bool):
         super().__init__()
