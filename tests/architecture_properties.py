@@ -48,7 +48,7 @@ def small(architecture: str) -> dict:
     """Hyper-parameters that keep the networks tiny (every architecture's own keys, small)."""
     return {
         "soft_modules": {"num_layers": 3, "num_modules": 2, "module_width": 6, "routing_width": 5},
-        "film": {"encoder_width": 6, "embedding_dim": 5},
+        "film": {"encoder_width": 6, "embedding_dim": 8},
         "care": {"num_experts": 3, "encoder_width": 6, "embedding_dim": 8},
         "moore": {"num_experts": 3},
         "paco": {"num_parameter_sets": 3},
@@ -92,9 +92,12 @@ def batch(seed: int) -> Batch:
 
 # ----- task isolation ----------------------------------------------------------------------------
 def check_task_isolation(architecture: str) -> None:
-    actor = Actor(OBS + K, ACT, HIDDEN, K, -5.0, 2.0, architecture, small(architecture)).double()
-    critic = TwinCritic(OBS + K, ACT, HIDDEN, K, architecture, small(architecture)).double()
-    obs, action = inputs(), torch.rand(K, B, ACT, dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        actor = Actor(OBS + K, ACT, HIDDEN, K, -5.0, 2.0, architecture, small(architecture)).double()
+        critic = TwinCritic(OBS + K, ACT, HIDDEN, K, architecture, small(architecture)).double()
+        action = torch.rand(K, B, ACT, dtype=torch.float64)
+    obs = inputs()
     nets = ((actor, lambda: sum(actor(obs))), (critic, lambda: sum(critic(obs, action))))
     for net, outputs in nets:
         names = task_parameter_names(net)
