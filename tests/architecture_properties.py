@@ -205,12 +205,12 @@ def check_device_steps_equal_the_eager_update(architecture: str, method: str) ->
 
 
 # ----- a toy run learns -----------------------------------------------------------------------------
-def check_toy_run_learns(architecture: str, tmp_path: Path, **keys) -> None:
+def check_toy_run_learns(architecture: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
     """As tests/test_trainer.py's toy run: from 0 successes before learning to most episodes solved."""
     run = tmp_path / "run"
-    overrides = [f"agent.architecture={architecture}", *(f"agent.{k}={v}" for k, v in keys.items())]
+    overrides = [f"agent.architecture={architecture}"]
     overrides += ["env.max_episode_steps=30", "agent.hidden_sizes=[64,64]", "train.batch_per_task=64"]
-    overrides += ["train.total_steps=2500", "eval.every=500", "eval.episodes=10", "log.every=500"]
+    overrides += ["train.total_steps=2500", "eval.every=500", "eval.episodes=10", "log.every=500", *extra]
     trainer = Trainer(toy_config(run, *overrides), run)
     assert trainer.train() == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -247,6 +247,7 @@ class ArchitectureContract:
     """
 
     architecture: str
+    toy_overrides: tuple[str, ...] = ()  # what the toy run needs beyond tests/test_trainer.py's settings
 
     def test_task_isolation(self):
         check_task_isolation(self.architecture)
@@ -271,7 +272,7 @@ class ArchitectureContract:
 
     @pytest.mark.slow
     def test_a_toy_run_learns(self, tmp_path):
-        check_toy_run_learns(self.architecture, tmp_path)
+        check_toy_run_learns(self.architecture, tmp_path, self.toy_overrides)
 
 
 # ----- independent forward passes, from the weights alone ----------------------------------------
