@@ -19,6 +19,10 @@ from tests.architecture_properties import (  # noqa: F401
 
 class TestMOORE(ArchitectureContract):
     architecture = "moore"
+    # The feature tanh(Σ_e w_e u_e) has norm about ‖w_k‖ whatever the state (the u_e are orthonormal), so
+    # each of its 64 entries starts near 0.1 and the heads must grow to reach the toy's Q-values: at
+    # 3e-4 the 2500-step run reaches 0 successes (returns 11.5 -> 15.1), at 1e-3 it solves 93%.
+    toy_overrides = ("agent.actor_lr=1e-3", "agent.critic_lr=1e-3")
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-10)])
