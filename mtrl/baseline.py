@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shutil
 import signal
 import sys
@@ -49,9 +48,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 
-from mtrl.config import Config, ConfigError, load_config
+from mtrl import rundir
+from mtrl.config import Config, ConfigError, load_config, to_yaml
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -59,11 +58,8 @@ if TYPE_CHECKING:
 
     from mtrl.envs.vector import VectorEnvBackend
 
-METHOD = "sac_single_task"
-BASELINE_DIR = "baseline"
-STATE_FILE = "state.json"
-PENDING_DIR = ".pending"
-CONFIG_FILE = "config.yaml"
+METHOD = rundir.METHOD_TAGS["baseline"]
+BASELINE_DIR, STATE_FILE, PENDING_DIR = rundir.BASELINE_DIR, rundir.BASELINE_STATE, rundir.PENDING_DIR
 # SB3's SAC clamps the policy's log-std to these constants; no argument changes them.
 SB3_LOG_STD = (-20.0, 2.0)
 # Config sections a resume may not change: the saved agents and buffers were built for them.
@@ -94,37 +90,19 @@ def check_supported(cfg: Config) -> None:
 
 
 # ----- the run directory -----------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write to a temporary name, flush to disk, rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _promote(baseline_dir: Path) -> None:
     """Finish a commit: move the staged files into place, state.json last."""
     stage = baseline_dir / PENDING_DIR
     state = json.loads((stage / STATE_FILE).read_text())
     for path in sorted(stage.iterdir()):
         if path.name != STATE_FILE and not path.name.endswith(".tmp"):
-            os.replace(path, baseline_dir / path.name)
-    os.replace(stage / STATE_FILE, baseline_dir / STATE_FILE)
+            rundir.move_into_place(path, baseline_dir / path.name)
+    rundir.move_into_place(stage / STATE_FILE, baseline_dir / STATE_FILE)
     shutil.rmtree(stage)
     if not state["buffer_saved"]:  # buffers of an older chunk would not match the agents
         for stale in baseline_dir.glob("*.buffer.npz"):
             stale.unlink()
-    _fsync_dir(baseline_dir)
+    rundir.sync_dir(baseline_dir)
 
 
 def recover(run_dir: Path) -> None:
@@ -156,30 +134,16 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def saved_step(run_dir: Path) -> int | None:
+    """The step a baseline run resumes from (its last committed chunk), or None when RUN_DIR holds none."""
+    state = read_state(run_dir)
+    return None if state is None else int(state["step"])
+
+
 def is_finished(run_dir: Path) -> bool:
     """Whether RUN_DIR holds a baseline run that reached its step budget."""
     state = read_state(run_dir)
     return state is not None and state["step"] >= state["total_steps"]
-
-
-def _write_config(run_dir: Path, cfg: Config) -> None:
-    from mtrl.config import to_dict
-
-    text = yaml.safe_dump({"method": METHOD, **to_dict(cfg)}, sort_keys=False)
-    _write_durably(run_dir / CONFIG_FILE, text.encode())
-
-
-def _saved_config(run_dir: Path) -> dict[str, Any]:
-    from mtrl.checkpoint import CheckpointError
-
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise CheckpointError(f"cannot read the run's config {path}: {type(err).__name__}") from None
-    if not isinstance(data, dict) or data.pop("method", None) != METHOD:
-        raise CheckpointError(f"{path} is not the config of an `mtrl baseline` run")
-    return data
 
 
 def check_resumable(saved: dict[str, Any], cfg: Config) -> None:
@@ -342,14 +306,14 @@ class _Task:
 
         data = io.BytesIO()
         self.model.save(data)
-        _write_durably(directory / f"{self.name}.zip", data.getvalue())
+        rundir.atomic_write(directory / f"{self.name}.zip", data.getvalue())
         if with_buffer:
             buf = self.model.replay_buffer
             n = buf.buffer_size if buf.full else buf.pos
             arrays = {key: getattr(buf, key)[:n] for key in _BUFFER_ARRAYS}
             data = io.BytesIO()
             np.savez(data, pos=np.int64(buf.pos), full=np.bool_(buf.full), **arrays)
-            _write_durably(directory / f"{self.name}.buffer.npz", data.getvalue())
+            rundir.atomic_write(directory / f"{self.name}.buffer.npz", data.getvalue())
         state = {
             "step": int(self.model.num_timesteps),
             "n_updates": int(self.model._n_updates),
@@ -358,7 +322,7 @@ class _Task:
             "action_space_rng": self.model.action_space.np_random.bit_generator.state,
             "env_state": self.watcher.env_state,
         }
-        _write_durably(directory / f"{self.name}.state.json", json.dumps(state).encode())
+        rundir.atomic_write(directory / f"{self.name}.state.json", json.dumps(state).encode())
 
     def restore(self, directory: Path, step: int, with_buffer: bool) -> None:
         from stable_baselines3.common.save_util import load_from_zip_file
@@ -473,7 +437,7 @@ class BaselineRun:
                 raise CheckpointError(f"no completed baseline chunk to resume from in {self.run_dir}")
             if state["tasks"] != self.tasks:
                 raise CheckpointError(f"{self.run_dir} was trained on other tasks than this config")
-            check_resumable(_saved_config(self.run_dir), cfg)
+            check_resumable(rundir.read_config(self.run_dir, "baseline"), cfg)
         backend = make_backend(cfg.env, cfg.seed, evaluation=False, vector_strategy="sync")
         if not isinstance(backend, VectorEnvBackend):
             backend.close()
@@ -506,8 +470,8 @@ class BaselineRun:
 
         from mtrl.logger import MetricLogger
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(self.run_dir, cfg)
+        rundir.remove_temporaries(self.run_dir)
+        rundir.write_config(self.run_dir, cfg, "baseline")
         self.logger = MetricLogger(self.run_dir, self.tasks, cfg.log.tensorboard, self.step)
 
     @property
@@ -617,8 +581,8 @@ class BaselineRun:
             "buffer_saved": with_buffer,
             "last_eval": self.last_eval,
         }
-        _write_durably(stage / STATE_FILE, json.dumps(state).encode())  # the commit point
-        _fsync_dir(stage)
+        rundir.atomic_write(stage / STATE_FILE, json.dumps(state).encode())  # the commit point
+        rundir.sync_dir(stage)
         _promote(self.baseline_dir)
 
 
@@ -637,22 +601,35 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--config", type=Path, help="YAML preset, e.g. configs/mt10_mtsac.yaml")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the baseline run in RUN_DIR")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit, training and writing nothing",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _print_config(cfg: Config) -> int:
+    """`--print-config`: the config the run would use, once SB3 is known to support it."""
+    check_supported(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from mtrl import checkpoint as ckpt
 
+    rundir.check_start_or_resume(args.config, args.resume)
     if args.resume is not None:
-        if args.config is not None:
-            raise ConfigError("--resume takes the config saved in the run; drop --config (overrides are allowed)")
         run_dir = Path(args.resume)
         state = read_state(run_dir)
         if state is None:
             raise ckpt.CheckpointError(f"no completed baseline chunk to resume from in {run_dir}")
-        saved = _saved_config(run_dir)
+        saved = rundir.read_config(run_dir, "baseline")
         cfg = load_config(None, [*args.overrides, f"run.dir={run_dir}"], base=saved)
         check_resumable(saved, cfg)
+        if args.print_config:
+            return _print_config(cfg)
         if state["step"] > cfg.train.total_steps:
             raise ConfigError(
                 f"train.total_steps must be >= the step of the run ({state['step']}), found {cfg.train.total_steps}"
@@ -664,14 +641,12 @@ def run(args: argparse.Namespace) -> int:
         check_supported(cfg)
         resume = True
     else:
-        if args.config is None:
-            raise ConfigError("give --config PATH (e.g. configs/mt10_mtsac.yaml) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return _print_config(cfg)
         check_supported(cfg)
-        run_dir = Path(cfg.run.dir or Path("runs") / f"{args.config.stem}-{METHOD}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = rundir.new_run_dir(cfg.run.dir, args.config, "baseline")
         cfg.run.dir = str(run_dir)
-        if read_state(run_dir) is not None or ckpt.latest_checkpoint(run_dir) is not None:
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or pick another run.dir")
         resume = False
     baseline = BaselineRun(cfg, run_dir, resume=resume)
     print(f"run directory: {run_dir}", file=sys.stderr)

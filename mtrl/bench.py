@@ -23,12 +23,13 @@ import torch
 
 from mtrl.buffer import Batch
 from mtrl.build import set_cpu_threads
-from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.combiners import COMBINERS, Combiner, make_combiner
+from mtrl.compiled import COMPILE_MODES, CompiledUpdate, make_learner
 from mtrl.config import ConfigError, agent_section
 from mtrl.jacobian import mean_backward, task_jacobian
 from mtrl.networks import ARCHITECTURES
 from mtrl.optim import Optimization
-from mtrl.sac import COMPILE_MODES, MTSAC, SACUpdate
+from mtrl.sac import MTSAC, SACUpdate
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World's observation (without the one-hot) and action sizes
 
@@ -65,7 +66,7 @@ def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generato
 
 def _update(
     k: int, hidden: list[int], name: str, device: torch.device, compile: str = "none", architecture: str = "conditioned"
-) -> SACUpdate:
+) -> SACUpdate | CompiledUpdate:
     """The full update the trainer runs with combiner (or optimizer) `name`, on freshly initialised networks."""
     optimizer = "adatask" if name == "adatask" else "adam"
     combiner = make_combiner("mean" if name == "adatask" else name)
@@ -74,7 +75,17 @@ def _update(
         torch.manual_seed(0)
         agent = MTSAC(OBS_DIM + k, ACT_DIM, k, cfg).to(device)
     optimization = Optimization(agent.params, optimizer, agent.learning_rates, k)
-    return SACUpdate(agent, optimization, combiner, ["critic", "actor"], compile=compile)
+    return make_learner(SACUpdate(agent, optimization, combiner, bench_networks(combiner)), compile)
+
+
+def bench_networks(combiner: Combiner) -> list[str]:
+    """The networks a combiner is timed on: critic and actor, or the critic alone for a combiner that
+    weighs only the critic's losses (FAMO, GradNorm)."""
+    try:
+        combiner.check_networks(["critic", "actor"])
+    except ValueError:
+        return ["critic"]
+    return ["critic", "actor"]
 
 
 def bench_update(
@@ -104,6 +115,8 @@ def bench_update(
                 mean_backward_ms = median_ms(lambda o=objective: mean_backward(o), device, repeats)
 
                 for mode, name in ((mode, name) for mode in compile_modes for name in combiners):
+                    if mode != "none" and name in COMBINERS and not COMBINERS[name].supports_compile:
+                        continue  # refused by the config too (train.compile)
                     update = _update(k, hidden, name, device, mode, architecture)
                     warmup = 2 if mode == "none" else 4  # compiling, then recording the graphs
                     update_ms = median_ms(partial(update, batch, gen, cpu_gen), device, repeats, warmup)
@@ -119,6 +132,7 @@ def bench_update(
                             "K": k,
                             "device": str(device),
                             "compile": mode,
+                            "networks": bench_networks(update.combiner),
                             "update_ms": round(update_ms, 3),
                             "ratio_to_mean": round(update_ms / mean_update_ms, 3),
                             "ratio_to_multihead_mean": None if reference is None else round(update_ms / reference, 3),

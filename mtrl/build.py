@@ -16,14 +16,17 @@ from pathlib import Path
 import torch
 
 from mtrl import checkpoint as ckpt
+from mtrl import rundir
 from mtrl.buffer import MultiTaskReplayBuffer
 from mtrl.combiners import Combiner, make_combiner
-from mtrl.config import Config, ConfigError, to_yaml
+from mtrl.compiled import CompiledUpdate, make_learner
+from mtrl.config import Config, ConfigError
 from mtrl.envs import EnvBackend, make_backend
 from mtrl.evaluation import Evaluator
 from mtrl.logger import MetricLogger
 from mtrl.optim import Optimization
 from mtrl.sac import MTSAC, SACUpdate
+from mtrl.tracking import open_trackers
 
 
 def set_cpu_threads(requested: int = 0) -> int:
@@ -67,7 +70,8 @@ class Parts:
     gen_device: torch.Generator  # replay sampling and policy noise, on the training device (or `train.rng_device`)
     combiner: Combiner
     agent: MTSAC
-    learner: SACUpdate  # one update: (batch, noise generator, combiner generator, diagnostics?) -> result
+    # One update: (batch, noise generator, combiner generator, diagnostics?) -> result.
+    learner: SACUpdate | CompiledUpdate
     optimization: Optimization
     buffer: MultiTaskReplayBuffer
 
@@ -107,9 +111,7 @@ def build(cfg: Config, envs: EnvBackend | None = None) -> Parts:
     optimization = Optimization(
         agent.params, cfg.optimizer.name, agent.learning_rates, len(tasks), cfg.train.grad_clip_norm
     )
-    update = SACUpdate(
-        agent, optimization, combiner, cfg.combiner.networks, cfg.train.q_target_clip, compile=cfg.train.compile
-    )
+    update = SACUpdate(agent, optimization, combiner, cfg.combiner.networks, cfg.train.q_target_clip)
     rng_device = device if cfg.train.rng_device == "auto" else torch.device(cfg.train.rng_device)
     per_task = max(1, cfg.train.buffer_capacity // len(tasks))
     buffer_device = _buffer_device(cfg.train.buffer_device, device, len(tasks), per_task, obs_dim, act_dim)
@@ -126,7 +128,7 @@ def build(cfg: Config, envs: EnvBackend | None = None) -> Parts:
         gen_device=torch.Generator(device=rng_device).manual_seed(cfg.seed + 1),
         combiner=combiner,
         agent=agent,
-        learner=update,
+        learner=make_learner(update, cfg.train.compile),
         optimization=optimization,
         buffer=MultiTaskReplayBuffer(len(tasks), per_task, obs_dim, act_dim, buffer_device),
     )
@@ -148,14 +150,12 @@ def _buffer_device(
 def open_run_dir(cfg: Config, run_dir: Path, tasks: list[str], start_step: int) -> MetricLogger:
     """Make `run_dir` ready for a run that (re)starts at `start_step`, and open its logger.
 
-    Removes the temporaries of checkpoint writes cut short by a kill, writes `config.yaml`, and
-    drops metrics logged after `start_step` (a fresh run starts at 0: it drops what an attempt
-    killed before its first checkpoint logged).
+    Removes the temporaries of writes cut short by a kill (checkpoints, config.yaml), writes
+    `config.yaml`, and drops metrics logged after `start_step` (a fresh run starts at 0: it drops
+    what an attempt killed before its first checkpoint logged).
     """
     run_dir = Path(run_dir)
     ckpt.remove_partial_writes(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_tmp = run_dir / ".config.yaml.tmp"
-    config_tmp.write_text(to_yaml(cfg))
-    os.replace(config_tmp, run_dir / "config.yaml")
-    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step)
+    rundir.remove_temporaries(run_dir)
+    rundir.write_config(run_dir, cfg)
+    return MetricLogger(run_dir, tasks, cfg.log.tensorboard, start_step, trackers=open_trackers(cfg, run_dir))

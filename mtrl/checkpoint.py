@@ -2,61 +2,37 @@
 
 This module handles files only; what a checkpoint holds is `mtrl.runstate`'s business.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk, then
-renamed over its final name: a reader sees either the previous file or the complete new one,
-never half of one. Loading uses `torch.load(weights_only=True)`, which refuses any pickle that
-would import or call arbitrary objects.
+A checkpoint is written by `mtrl.rundir.atomic_write` (a temporary next to it, flushed, renamed
+over its final name): a reader sees either the previous file or the complete new one, never half
+of one. A file whose `format` is not `FORMAT_VERSION` is refused. Loading uses
+`torch.load(weights_only=True)`, which refuses any pickle that would import or call arbitrary objects.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mtrl import rundir
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = 1
-CKPT_DIR = "checkpoints"
-BEST = "best.pt"
-_STEP_RE = re.compile(r"^step_(\d{10})\.pt$")
+CKPT_DIR = rundir.CHECKPOINT_DIR
+BEST = rundir.BEST_CHECKPOINT
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe or from another config."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     import torch  # here, not at the top: the file-naming helpers below serve processes that never load a model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    rundir.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def resolve(path: str | Path) -> Path:
@@ -103,7 +79,7 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if _STEP_RE.match(p.name))
+    return sorted(p for p in d.iterdir() if rundir.STEP_CHECKPOINT.match(p.name))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -113,7 +89,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def checkpoint_step(path: Path) -> int:
     """The step a periodic checkpoint was taken at, read from its name (no need to load it)."""
-    match = _STEP_RE.match(Path(path).name)
+    match = rundir.STEP_CHECKPOINT.match(Path(path).name)
     if match is None:
         raise CheckpointError(f"{path} is not a periodic checkpoint (step_<step>.pt)")
     return int(match.group(1))
@@ -123,7 +99,7 @@ def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int, is_bes
     """Write `step_<step>.pt` (and `best.pt` if best), then prune to the newest `keep_last`."""
     state = {"format": FORMAT_VERSION, **state}
     d = checkpoint_dir(run_dir)
-    path = d / f"step_{step:010d}.pt"
+    path = d / rundir.step_checkpoint_name(step)
     atomic_save(state, path)
     if is_best:
         atomic_save(state, d / BEST)
@@ -134,8 +110,4 @@ def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int, is_bes
 
 def remove_partial_writes(run_dir: Path) -> int:
     """Delete temporaries left by a process killed mid-write; returns how many."""
-    d = checkpoint_dir(run_dir)
-    stale = list(d.glob(".*.tmp"))  # nothing when the directory does not exist
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+    return rundir.remove_temporaries(checkpoint_dir(run_dir))

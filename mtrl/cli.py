@@ -1,4 +1,4 @@
-"""Command line: `mtrl train | eval | bench | report`. Thin: parsing, then one call into the package."""
+"""Command line: `mtrl train | eval | bench | report | toy`. Thin: parsing, then one call into the package."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import functools
 import json
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--video", type=Path, metavar="DIR", help="instead of evaluating, film evaluation episodes to DIR/<task>.mp4"
     )
     ev.add_argument("--video-episodes", type=int, default=1, metavar="N", help="episodes per video (default 1)")
+    ev.add_argument(
+        "--fps",
+        type=float,
+        default=20,
+        help="video frame rate (default 20); only the frames kept are rendered, and the video plays in real "
+        "time: Meta-World steps at 80 per second, so 20 renders one step in 4 (80: every step)",
+    )
     ev.add_argument("--width", type=int, default=256, help="video width in pixels, even (default 256)")
     ev.add_argument("--height", type=int, default=256, help="video height in pixels, even (default 256)")
     ev.add_argument(
@@ -119,16 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (bench_train, bench_env):  # `mtrl bench train`, `mtrl bench env`
         module.add_parser(bench_sub)
 
-    from mtrl import baseline, report, sweep
+    from mtrl import baseline, report, sweep, toy
 
-    for module in (baseline, report, sweep):  # each owns its subcommand's parser and body
+    for module in (baseline, report, sweep, toy):  # each owns its subcommand's parser and body
         module.add_parser(sub)
     return parser
-
-
-def _default_run_dir(config: Path | None) -> Path:
-    stem = config.stem if config is not None else "run"
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _print_config(cfg: Config) -> int:
@@ -137,33 +138,22 @@ def _print_config(cfg: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
-    from mtrl.callbacks import phase
-    from mtrl.checkpoint import latest_checkpoint
-    from mtrl.config import load_config, to_dict
+    from mtrl import rundir
+    from mtrl.config import load_config
     from mtrl.runstate import load_latest
     from mtrl.trainer import Trainer
 
+    rundir.check_start_or_resume(args.config, args.resume)
     if args.resume is not None:
-        if args.config is not None:
-            raise ConfigError("--resume takes the config saved in the run; drop --config (overrides are allowed)")
-        with phase(callbacks, "restore"):
-            saved = load_latest(args.resume)
-        cfg = load_config(None, [*args.overrides, f"run.dir={args.resume}"], base=to_dict(saved.config))
         if args.print_config:
-            return _print_config(cfg)
-        trainer = Trainer(cfg, args.resume, resume=saved, callbacks=callbacks)
+            return _print_config(load_latest(args.resume).resumed_config(args.resume, args.overrides))
+        trainer = Trainer.resume(args.resume, args.overrides, callbacks)
     else:
-        if args.config is None:
-            raise ConfigError("give --config PATH (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             return _print_config(cfg)
-        run_dir = Path(cfg.run.dir) if cfg.run.dir else _default_run_dir(args.config)
+        run_dir = rundir.new_run_dir(cfg.run.dir, args.config)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
-        if latest_checkpoint(run_dir) is not None:
-            raise ConfigError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another run.dir"
-            )
         trainer = Trainer(cfg, run_dir, callbacks=callbacks)
     print(f"run directory: {trainer.run_dir}", file=sys.stderr)
     return trainer.train()
@@ -215,7 +205,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
 
     args = build_parser().parse_args(argv)
     setup_console()
-    from mtrl import baseline, report, sweep
+    from mtrl import baseline, report, sweep, toy
 
     commands = {
         "train": functools.partial(cmd_train, callbacks=callbacks),
@@ -224,6 +214,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         "baseline": baseline.run,
         "report": report.run,
         "sweep": sweep.run,
+        "toy": toy.run,
     }
     try:
         return commands[args.command](args)

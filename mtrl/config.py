@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,14 @@ class EvalConfig:
     every: int = _f(50_000, "vector steps between evaluations (0 = only at the end)")
     episodes: int = _f(50, "evaluation episodes per task (the Meta-World protocol uses 50)")
     vector_strategy: str = _f("sync", "sync | async vectorisation of the evaluation envs")
+    video_every: int = _f(
+        0, "evaluations between videos of the evaluation episodes, in run.dir/videos/step_<step>/ (0 = none)"
+    )
+    video_episodes: int = _f(1, "evaluation episodes per task in each video")
+    video_fps: float = _f(20.0, "video frame rate; only the frames kept are rendered (Meta-World steps at 80/s)")
+    video_width: int = _f(256, "video width in pixels (even)")
+    video_height: int = _f(256, "video height in pixels (even)")
+    video_camera: str | None = _f(None, "camera of the videos; null = the benchmark's default (Meta-World: corner)")
 
 
 @dataclass
@@ -188,6 +197,11 @@ class LogConfig:
     every: int = _f(1000, "vector steps between scalar logs (TensorBoard, metrics.jsonl)")
     tensorboard: bool = _f(True, "write TensorBoard event files")
     progress: bool = _f(True, "show a progress bar")
+    wandb: bool = _f(False, "also log to Weights & Biases (the wandb extra; WANDB_MODE=offline logs locally)")
+    wandb_project: str = _f("mtrl", "W&B project")
+    wandb_entity: str | None = _f(None, "W&B entity (user or team); null = your default entity")
+    wandb_group: str | None = _f(None, "W&B run group (e.g. one per sweep); null = none")
+    wandb_tags: list[str] = _f([], "W&B run tags")
 
 
 @dataclass
@@ -280,9 +294,7 @@ def preset_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[dict[str, An
 def _typed_combiner(combiner: dict[str, Any]) -> type[CombinerConfig]:
     """The section class of the combiner `combiner` names, once its hyper-parameter keys are checked.
 
-    A null hyper-parameter is unset, so the combiner's default applies: it is dropped from `combiner`. This
-    also loads configs saved before the section was typed per combiner (config.yaml in run
-    directories, the config inside checkpoints): they hold every combiner's keys, null where unset.
+    A null hyper-parameter is unset, so the combiner's default applies: it is dropped from `combiner`.
     """
     from mtrl.combiners import check_hyper_parameter_names
 
@@ -386,7 +398,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
-    from mtrl.combiners import check_hyper_parameters  # local: keeps config import light
+    from mtrl.combiners import check_hyper_parameters, combiner_class  # local: keeps config import light
     from mtrl.networks import check_architecture
 
     _check(cfg.seed >= 0, f"seed must be >= 0, found {cfg.seed}")
@@ -443,6 +455,7 @@ def validate(cfg: Config) -> None:
     )
     try:
         check_hyper_parameters(comb.name, comb.hyper_parameters())
+        combiner_class(comb.name).check_networks(comb.networks)
     except ValueError as err:
         raise ConfigError(f"combiner: {err}") from None
     _choice("optimizer.name", cfg.optimizer.name, ("adam", "adatask"))
@@ -470,14 +483,41 @@ def validate(cfg: Config) -> None:
     _choice("train.rng_device", train.rng_device, ("auto", "cpu"))
     _choice("train.compile", train.compile, ("none", "default", "reduce-overhead"))
     _check(
+        train.compile == "none" or combiner_class(comb.name).supports_compile,
+        f"train.compile must be none for combiner {comb.name!r} (it learns from each step outside the compiled "
+        f"update), found {train.compile!r}",
+    )
+    _check(
         train.buffer_device in ("auto", "cpu") or train.buffer_device.startswith("cuda"),
         f"train.buffer_device must be auto, cpu or a cuda device, found {train.buffer_device!r}",
     )
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0, found {cfg.eval.every}")
     _check(cfg.eval.episodes >= 1, f"eval.episodes must be >= 1, found {cfg.eval.episodes}")
+    _check_videos(cfg.eval)
     _check(cfg.log.every >= 1, f"log.every must be >= 1, found {cfg.log.every}")
+    _check_tracking(cfg.log)
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, found {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, found {cfg.checkpoint.keep_last}")
+
+
+def _check_videos(ev: EvalConfig) -> None:
+    _check(ev.video_every >= 0, f"eval.video_every must be >= 0, found {ev.video_every}")
+    _check(ev.video_episodes >= 1, f"eval.video_episodes must be >= 1, found {ev.video_episodes}")
+    _check(ev.video_fps > 0, f"eval.video_fps must be > 0, found {ev.video_fps}")
+    for key in ("video_width", "video_height"):
+        value = getattr(ev, key)
+        _check(value >= 2 and value % 2 == 0, f"eval.{key} must be a positive even number (H.264), found {value}")
+
+
+def _check_tracking(log: LogConfig) -> None:
+    """`log.wandb` needs the optional wandb package: refused at config time rather than at the first log."""
+    if not log.wandb:
+        return
+    _check(
+        importlib.util.find_spec("wandb") is not None,
+        "log.wandb=true needs the wandb package: pip install 'mtrl[wandb]' (or set log.wandb=false)",
+    )
+    _check(bool(log.wandb_project), "log.wandb_project must not be empty")
 
 
 def describe_options() -> str:

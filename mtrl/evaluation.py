@@ -47,7 +47,7 @@ class EvalResult:
         """The console line of an evaluation."""
         return (
             f"step {step}: eval success {self.mean_success:.3f}, return {self.mean_return:.1f} "
-            f"({episodes} episodes per task)"
+            f"({episodes} episode{'' if episodes == 1 else 's'} per task)"
         )
 
 

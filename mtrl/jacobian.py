@@ -4,6 +4,8 @@ A `TaskObjective` describes task k's loss as a pure function of the parameters a
 slice of the `[K, B, ...]` batch. Two ways to differentiate it:
 
 - `mean_backward`: one ordinary backward of the summed losses (what `mean` needs: no Jacobian);
+- `weighted_backward`: the same with task weights computed from the losses of that forward (what
+  a loss-weighting method such as FAMO needs: no Jacobian either);
 - `task_jacobian`: `vmap(grad(loss))` over the task dimension. Each task's forward and backward
   runs on its own B samples, so the whole K x n matrix costs about one mean-loss backward,
   instead of K backward passes with `retain_graph` as in the published code.
@@ -54,17 +56,52 @@ def mean_backward(objective: TaskObjective) -> tuple[torch.Tensor, Any]:
     Eagerly this is one `torch.autograd.grad`; inside `torch.compile` (which does not trace
     `autograd.grad`) the same gradient comes from `torch.func.grad`, like the Jacobian's.
     """
+    losses, aux, _ = weighted_backward(objective, lambda losses: None)
+    return losses, aux
+
+
+def weighted_backward(
+    objective: TaskObjective, weigh: Callable[[torch.Tensor], torch.Tensor | None]
+) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    """`.grad` of shared parameters = Σ_k w_k ∇L_k with w = weigh(losses); task-specific ones get grad of their own L_k.
+
+    One forward, then `weigh` on its detached losses, then one backward of Σ_k w_k L_k. That backward
+    gives task k's slices w_k ∇L_k, so they are divided by w_k (the weights must be non-zero), to
+    receive what every combiner gives them. `weigh` returning None means the plain mean
+    (`mean_backward`). Returns the losses, the aux values and the weights (None for the mean).
+    """
     if torch.compiler.is_compiling():
-        return mean_backward_functional(objective)
+        losses, aux = mean_backward_functional(objective)
+        if weigh(losses) is not None:
+            raise RuntimeError("loss weights are not supported inside torch.compile; use train.compile=none")
+        return losses, aux, None
     o = objective
     losses, aux = vmap(o.loss_fn, in_dims=_IN_DIMS)(dict(o.shared), dict(o.task), o.inputs, o.consts)
+    weights = weigh(losses.detach())
     params = o.parameters()
-    grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    if weights is None:  # the plain mean: one backward of the sum, the shared gradients divided by K
+        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    else:
+        weights = weights.to(losses.dtype)
+        grads = torch.autograd.grad(losses, params, grad_outputs=weights, allow_unused=True)
     for p, g in zip(params, grads, strict=True):
         p.grad = torch.zeros_like(p) if g is None else g
-    for p in o.shared.values():
-        p.grad.div_(o.num_tasks)
-    return losses.detach(), aux
+    if weights is None:
+        for p in o.shared.values():
+            p.grad.div_(o.num_tasks)
+    else:
+        for p in o.task.values():
+            p.grad.div_(weights.view(-1, *[1] * (p.ndim - 1)))
+    return losses.detach(), aux, weights
+
+
+@torch.no_grad()
+def task_losses(objective: TaskObjective) -> torch.Tensor:
+    """The K per-task losses at the parameters' current values, on the objective's inputs (no gradient)."""
+    o = objective
+    shared = {name: p.detach() for name, p in o.shared.items()}
+    task = {name: p.detach() for name, p in o.task.items()}
+    return vmap(o.loss_fn, in_dims=_IN_DIMS)(shared, task, o.inputs, o.consts)[0]
 
 
 def mean_backward_functional(objective: TaskObjective) -> tuple[torch.Tensor, Any]:

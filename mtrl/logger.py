@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
+from mtrl import rundir
+
 log = logging.getLogger("mtrl")
 
-METRICS_FILE = "metrics.jsonl"
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record is emitted, not as it was when the handler was
+    made: a redirected or captured stderr (pytest's `capsys`) receives the records logged after."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass  # always the current sys.stderr
 
 
 def setup_console(level: int = logging.INFO) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+
+
+class Tracker(Protocol):
+    """A further sink of the run log's records (W&B: `mtrl.tracking.WandbTracker`)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -36,32 +63,25 @@ class MetricLogger:
     dropped from both sinks, so a run's metrics never hold gaps or duplicates.
     """
 
-    def __init__(self, run_dir: Path, task_names: list[str], tensorboard: bool, resume_step: int | None = None):
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(
+        self,
+        run_dir: Path,
+        task_names: list[str],
+        tensorboard: bool,
+        resume_step: int | None = None,
+        trackers: Sequence[Tracker] = (),
+    ):
+        self.path = Path(run_dir) / rundir.METRICS_FILE
         self.task_names = task_names
+        self.trackers = list(trackers)  # further sinks of every record (mtrl.tracking)
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            rundir.drop_records_after(self.path, resume_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge)
-
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        tmp.replace(self.path)
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / rundir.TENSORBOARD_DIR), purge_step=purge)
 
     def log(self, step: int, kind: str, values: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {"step": step, "kind": kind}
@@ -81,9 +101,15 @@ class MetricLogger:
                 for n, v in zip(names, arr, strict=True):
                     if math.isfinite(v):
                         self.writer.add_scalar(f"{key}/{n}", float(v), step)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        rundir.append_record(self.path, record)
+        for tracker in self.trackers:
+            tracker.log(record)
         return record
+
+    def log_videos(self, step: int, videos: dict[str, Path]) -> None:
+        """Evaluation videos (task -> mp4 file): to the trackers that take videos (W&B)."""
+        for tracker in self.trackers:
+            tracker.log_videos(step, videos)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -92,3 +118,5 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()

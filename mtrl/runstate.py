@@ -11,6 +11,7 @@ deployment.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ import torch
 
 from mtrl import checkpoint as ckpt
 from mtrl.checkpoint import CheckpointError
-from mtrl.config import Config, ConfigError, config_from_dict, to_dict
+from mtrl.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from mtrl.evaluation import EvalResult
 from mtrl.networks import Actor
 
@@ -102,7 +103,7 @@ class RunState:
         progress = copy.deepcopy(self.progress)
         try:
             parts.agent.load_state_dict(self.agent)
-            parts.optimization.load_state_dict(_per_network(self.optimizers))
+            parts.optimization.load_state_dict(self.optimizers)
             parts.combiner.load_state_dict(self.combiner)
             if self.buffer is not None:
                 parts.buffer.load_state_dict(self.buffer)
@@ -113,6 +114,10 @@ class RunState:
         parts.gen_cpu.set_state(self.rng["cpu"])
         parts.gen_device.set_state(self.rng["device"])  # a CPU tensor, whatever device the generator is on
         return progress
+
+    def resumed_config(self, run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+        """The config to continue the run with: the saved one, then `overrides`, in `run_dir`."""
+        return load_config(None, [*overrides, f"run.dir={run_dir}"], base=to_dict(self.config))
 
     def actor(self, device: torch.device) -> Actor:
         """The policy network alone, on `device` (the agent keeps its weights under `actor.`)."""
@@ -160,8 +165,7 @@ class RunState:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any], source: Path | None = None) -> RunState:
-        """Read a checkpoint's dictionary. Checkpoints written before `learning_starts`, `train_stats` and
-        `update_metrics` were saved read as if learning had started at the warm-up and nothing was pending."""
+        """Read a checkpoint's dictionary (a CheckpointError names the first key it lacks)."""
         try:
             cfg = config_from_dict(state["config"])
         except (ConfigError, KeyError) as err:
@@ -170,11 +174,11 @@ class RunState:
             last_eval = state["last_eval"]
             progress = Progress(
                 counters=Counters(**state["counters"]),
-                learning_starts=state.get("learning_starts", cfg.train.warmup_steps),
+                learning_starts=state["learning_starts"],
                 episode_start=state["env_state"],
                 last_eval=None if last_eval is None else EvalResult(**last_eval),
-                train_stats={k: v.cpu().numpy() for k, v in state.get("train_stats", {}).items()},
-                update_metrics=dict(state.get("update_metrics", {})),
+                train_stats={k: v.cpu().numpy() for k, v in state["train_stats"].items()},
+                update_metrics=dict(state["update_metrics"]),
             )
             return cls(
                 config=cfg,
@@ -204,20 +208,3 @@ def load_latest(run_dir: Path) -> RunState:
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {run_dir}")
     return RunState.from_dict(ckpt.load(path), source=path)  # tensors on the CPU (the default of ckpt.load)
-
-
-def _per_network(optimizers: dict[str, Any]) -> dict[str, Any]:
-    """Optimizer states per network, as `Optimization.state_dict` gives them.
-
-    Checkpoints written before the optimizers left the agent hold one flat dict of torch optimizer
-    states: `<network>` (Adam over all its parameters, or over its task-specific ones under AdaTask)
-    and `<network>_shared` (AdaTask over its shared parameters). The parameters are in the same
-    order, so those states load as they are.
-    """
-    if not any(isinstance(state, dict) and "param_groups" in state for state in optimizers.values()):
-        return optimizers
-    out: dict[str, dict[str, Any]] = {}
-    for name, state in optimizers.items():
-        shared = name.endswith("_shared")
-        out.setdefault(name.removesuffix("_shared"), {})["adatask" if shared else "adam"] = state
-    return out

@@ -19,6 +19,7 @@ import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,15 +27,22 @@ from torch.func import functional_call
 
 from mtrl.buffer import Batch
 from mtrl.combiners import Combiner
-from mtrl.combiners.base import move
+from mtrl.combiners.base import TaskLosses, move
 from mtrl.combiners.diagnostics import gradient_diagnostics
 from mtrl.config import AgentConfig
-from mtrl.jacobian import TaskObjective, mean_backward, task_jacobian, write_shared_grad, write_task_grads
+from mtrl.jacobian import (
+    TaskObjective,
+    mean_backward,
+    task_jacobian,
+    task_losses,
+    weighted_backward,
+    write_shared_grad,
+    write_task_grads,
+)
 from mtrl.networks import Actor, TwinCritic, squashed_sample, task_parameter_names
 from mtrl.optim import NetworkParameters, Optimization
 
 NETWORKS = ("critic", "actor", "alpha")
-COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 def split_parameters(module: nn.Module) -> NetworkParameters:
@@ -77,13 +85,6 @@ def polyak_update_where(target: nn.Module, source: nn.Module, tau: float, where:
     """`polyak_update` taken only where `where` (a 0-d bool tensor) holds, decided on the device."""
     for t, p in zip(target.parameters(), source.parameters(), strict=True):
         t.copy_(torch.where(where, t.lerp(p, tau), t))
-
-
-def _copy_tensor_attributes(obj: object) -> None:
-    """Replace every tensor attribute of `obj` by a copy of it."""
-    for name, value in list(vars(obj).items()):
-        if torch.is_tensor(value):
-            setattr(obj, name, value.clone())
 
 
 def policy_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
@@ -206,6 +207,8 @@ class NetworkGradients:
     matrix: Tensor | None = None  # [k, n] per-task gradients of the shared parameters, when computed
     update: Tensor | None = None  # the direction written to the shared `.grad`, when `matrix` was computed
     weights: Tensor | None = None  # the combiner's task weights of `update`, when a combiner ran
+    objective: TaskObjective | None = None  # the losses, to evaluate again after the step
+    task_losses: TaskLosses | None = None  # what the combiner saw of the losses, when a combiner ran
 
 
 def network_gradients(
@@ -214,29 +217,43 @@ def network_gradients(
     tasks: Tensor | None,
     draws: Tensor | None,
     per_task: bool,
+    network: str = "",
 ) -> NetworkGradients:
-    """Write `.grad` of one network from its K per-task losses.
+    """Write `.grad` of one network (named `network`) from its K per-task losses.
 
     Shared parameters get the combiner's direction d = combiner(G), the plain mean of the rows when
     `combiner` is None; task-specific parameters get their own task's gradient. G, the per-task
     gradient matrix of the shared parameters, is computed in one batched pass (for `tasks` only,
-    when given) if `per_task` is set or the combiner needs it; otherwise one backward of the summed
-    losses gives the same `.grad` as the mean.
+    when given) if `per_task` is set or the combiner needs it; otherwise one backward of the
+    losses weighted by the combiner's `loss_weights` (the plain mean: of their sum) gives the
+    same `.grad` as d = Gᵀw would.
     """
+    layout = tuple((name, p.numel()) for name, p in objective.shared.items())
+
+    def seen(values: Tensor) -> TaskLosses:
+        return TaskLosses(network, values, layout)
+
     if not per_task and (combiner is None or not combiner.needs_jacobian):
-        losses, aux = mean_backward(objective)
-        return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
+        if combiner is None:
+            losses, aux = mean_backward(objective)
+            return NetworkGradients(losses, aux, torch.isfinite(losses).all(), None)
+        losses, aux, weights = weighted_backward(objective, lambda values: combiner.loss_weights(seen(values)))
+        finite = torch.isfinite(losses).all()
+        return NetworkGradients(
+            losses, aux, finite, None, weights=weights, objective=objective, task_losses=seen(losses)
+        )
     grads = task_jacobian(objective, tasks)
     write_task_grads(objective.task, grads.task, tasks)
-    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, draws=draws)
-    write_shared_grad(objective.shared, update)
     losses, aux = grads.losses, grads.aux
+    update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, draws=draws, losses=seen(losses))
+    write_shared_grad(objective.shared, update)
     finite = torch.isfinite(losses).all()
+    record = None if combiner is None else seen(losses)
     if tasks is not None:  # tasks that were not drawn have no loss this update
         losses = losses.new_full((objective.num_tasks,), float("nan")).index_copy(0, tasks, losses)
         aux = aux.new_full((objective.num_tasks,), float("nan")).index_copy(0, tasks, aux)
     weights = None if combiner is None else combiner.last_weights
-    return NetworkGradients(losses, aux, finite, tasks, grads.matrix, update, weights)
+    return NetworkGradients(losses, aux, finite, tasks, grads.matrix, update, weights, objective, record)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> Tensor:
@@ -277,8 +294,17 @@ class UpdateHook:
 
     def on_step(self, network: str, parameters: list[nn.Parameter]) -> None:
         """`network` is about to step: `.grad` as its optimizer steps on it (clipped). Eagerly only
-        for an update that is taken; with the steps decided on the device (`device_steps`,
-        `compile`), for every update, the step then being taken or not by the flag."""
+        for an update that is taken; with the steps decided on the device (`mtrl.compiled`), for
+        every update, the step then being taken or not by the flag."""
+
+
+class UpdateDraws(NamedTuple):
+    """An update's randomness, drawn before its first gradient (`SACUpdate.draw`)."""
+
+    next_noise: Tensor  # [K, B, act_dim]: the next actions of the Bellman target
+    actor_noise: Tensor  # [K, B, act_dim]: the actions of the actor loss
+    tasks: Tensor | None  # the tasks a sampling combiner drew (None: all of them)
+    combiner: dict[str, Tensor | None]  # each combined network's combiner randomness
 
 
 class SACUpdate:
@@ -290,15 +316,11 @@ class SACUpdate:
     a sampling combiner's tasks and any randomness of the combiner itself (`draw_combiner`), all
     before the first gradient.
 
-    Between the sampled batch and the finiteness read, the update (`gradients`) is a function of
-    tensors with no host synchronisation and, except for a sampling combiner's subset (SDMGrad-OS,
-    drawn on the CPU before anything else), fixed shapes.
-
-    `device_steps` runs the whole update, steps included, as one function of tensors (`apply`): the
-    finiteness decision is applied on the device (`Optimization.step_where`) and the host reads the
-    flag once, after the update. `compile` ("none", "default", "reduce-overhead") runs `apply` under
-    `torch.compile` with that mode (implying `device_steps`); "reduce-overhead" replays it as CUDA
-    graphs on a GPU. The default is the eager update, which reads the flag before stepping.
+    An update reads draw -> gradients -> step. Between the sampled batch and the finiteness read,
+    it (`gradients`) is a function of tensors with no host synchronisation and, except for a
+    sampling combiner's subset (SDMGrad-OS, drawn on the CPU before anything else), fixed shapes:
+    `mtrl.compiled.CompiledUpdate` runs it, steps included, as one function on the device, under
+    `torch.compile` if asked (`train.compile`).
     """
 
     def __init__(
@@ -309,18 +331,10 @@ class SACUpdate:
         combined: Iterable[str] = ("critic", "actor"),
         q_target_clip: float | None = None,
         hooks: Sequence[UpdateHook] = (),
-        compile: str = "none",
-        device_steps: bool = False,
     ):
         unknown = sorted(set(combined) - set(NETWORKS))
         if unknown:
             raise ValueError(f"unknown network(s) {unknown} to combine; choose from: {', '.join(NETWORKS)}")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {compile!r}; choose from: {', '.join(COMPILE_MODES)}")
-        self.compile = compile
-        self._device_update = self.apply if device_steps else None
-        if compile != "none":
-            self._device_update = torch.compile(self.apply, mode=compile, dynamic=False)
         self.agent, self.optimization, self.combiner = agent, optimization, combiner
         self.q_target_clip = q_target_clip
         self.hooks = list(hooks)
@@ -340,52 +354,24 @@ class SACUpdate:
         diagnostics: bool = False,
     ) -> UpdateResult:
         """One update on a stratified batch `[K, B, ...]`; skipped whole (nothing stepped) unless finite."""
+        drawn = self.draw(batch, generator, combiner_generator)
+        gradients = self.gradients(batch, drawn.next_noise, drawn.actor_noise, drawn.tasks, drawn.combiner, diagnostics)
+        finite = bool(gradients.finite)  # the update's one host synchronisation
+        if finite:
+            self.step(gradients)
+        self.agent.zero_grad(set_to_none=True)
+        return UpdateResult(finite, gradients.metrics)
+
+    def draw(self, batch: Batch, generator: torch.Generator, combiner_generator: torch.Generator) -> UpdateDraws:
+        """The update's randomness, in a fixed order: the target's noise, the tasks, the actor's noise,
+        the combiners' draws."""
         k, b = batch.reward.shape
         device = batch.obs.device
         next_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         tasks = self.draw_tasks(k, combiner_generator, device)
         actor_noise = policy_noise((k, b, self.agent.act_dim), generator, device)
         draws = self.draw_combiner(k if tasks is None else tasks.numel(), combiner_generator, device)
-        if self._device_update is None:
-            gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-            finite = bool(gradients.finite)  # the update's one host synchronisation
-            if finite:
-                self.step(gradients)
-            self.agent.zero_grad(set_to_none=True)
-            return UpdateResult(finite, gradients.metrics)
-        graphs = self.compile == "reduce-overhead"
-        if self.optimization.prepare_device_steps() and graphs:
-            for state in self.optimization.state_tensors():  # updated in place by every replay
-                torch._dynamo.mark_static_address(state)
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-        finite, metrics = self._device_update(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-        if graphs:
-            # A CUDA graph's outputs are overwritten by its next replay: the combiner keeps some
-            # (a warm start, the last weights) past it, and the metrics are read at the next log.
-            _copy_tensor_attributes(self.combiner)
-            metrics = {key: value.clone() for key, value in metrics.items()}
-        return UpdateResult(bool(finite), metrics)
-
-    def apply(
-        self,
-        batch: Batch,
-        next_noise: Tensor,
-        actor_noise: Tensor,
-        tasks: Tensor | None,
-        draws: dict[str, Tensor | None] | None,
-        diagnostics: bool,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The whole update as a function of tensors, with no host synchronisation: gradients, then
-        every step and the target critics' move taken on the device only if everything is finite.
-
-        Returns the finiteness flag (0-d bool) and the metrics. The optimizers' state must exist
-        (`Optimization.prepare_device_steps`). Same arithmetic as `gradients` + `step`.
-        """
-        gradients = self.gradients(batch, next_noise, actor_noise, tasks, draws, diagnostics)
-        self.step(gradients, where=gradients.finite)
-        self.agent.zero_grad(set_to_none=True)
-        return gradients.finite, gradients.metrics
+        return UpdateDraws(next_noise, actor_noise, tasks, draws)
 
     def draw_tasks(self, k: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
         """The tasks this update's combined losses use (None: all of them), drawn before any gradient."""
@@ -467,7 +453,7 @@ class SACUpdate:
     ) -> NetworkGradients:
         combiner = self.combiners[net]
         per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.combined)
-        grads = network_gradients(objective, combiner, None if combiner is None else tasks, draws, per_task)
+        grads = network_gradients(objective, combiner, None if combiner is None else tasks, draws, per_task, net)
         for hook in self.hooks:
             hook.on_gradients(net, objective.parameters())
         return grads
@@ -477,7 +463,9 @@ class SACUpdate:
         tensor), all of it only where it holds, decided on the device.
 
         Tasks that took no part in a network's losses keep its task-specific slices and their
-        optimizer moments; a task's temperature follows its actor loss.
+        optimizer moments; a task's temperature follows its actor loss. Last, each combiner ends its
+        update (`Combiner.after_step`, given the losses after the step if it needs them), where the
+        loss-weighting methods commit what they learned: only for a step that is taken.
         """
         steps = (
             ("critic", gradients.critic, gradients.critic.drawn),
@@ -496,3 +484,9 @@ class SACUpdate:
             polyak_update(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau)
         else:
             polyak_update_where(self.agent.critic_target, self.agent.critic, self.agent.cfg.tau, where)
+        for net, grads, _ in steps:
+            combiner = self.combiners[net]
+            if combiner is not None and grads.task_losses is not None:
+                # The same batch, noise and targets at the stepped parameters (FAMO's loss decrease).
+                after = task_losses(grads.objective) if combiner.needs_losses_after else None
+                combiner.after_step(grads.task_losses, after, where)

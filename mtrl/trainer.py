@@ -28,6 +28,7 @@ from mtrl.evaluation import EvalResult
 from mtrl.logger import log
 from mtrl.policy import Policy
 from mtrl.runstate import Progress, RunState, load_latest
+from mtrl.video import EvalVideos
 
 
 class TrainingError(RuntimeError):
@@ -58,23 +59,32 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        run_dir: Path,
-        resume: bool | RunState = False,
+        run_dir: str | Path,
+        state: RunState | None = None,
         callbacks: Sequence[Callback] = (),
         parts: Parts | None = None,
     ):
-        """A run of `cfg` in `run_dir`; `resume`: continue from its latest checkpoint (or from this state);
+        """A run of `cfg` in `run_dir`, from its start or from `state` (`Trainer.resume` reads it from the run);
         `parts`: built by `mtrl.build.build(cfg)` beforehand (by default here)."""
         self.cfg, self.run_dir, self.callbacks = cfg, Path(run_dir), list(callbacks)
         self.parts = build(cfg) if parts is None else parts
-        self.progress = Progress(learning_starts=cfg.train.warmup_steps)
-        if resume:
-            with phase(self.callbacks, "restore"):
-                saved = resume if isinstance(resume, RunState) else load_latest(self.run_dir)
-                self.progress = saved.restore(cfg, self.parts)
-            log.info("resumed from %s at step %d", saved.source, self.counters.env_steps)
+        if state is None:
+            self.progress = Progress(learning_starts=cfg.train.warmup_steps)
+        else:
+            self.progress = state.restore(cfg, self.parts)
+            log.info("resumed from %s at step %d", state.source, self.counters.env_steps)
+        self.videos = EvalVideos(cfg) if cfg.eval.video_every else None
         self.logger = open_run_dir(cfg, self.run_dir, self.parts.tasks, self.counters.env_steps)
         self._stop_signal: int | None = None
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> Trainer:
+        """The run in `run_dir`, continued from its latest checkpoint, in one "restore" phase: read the
+        checkpoint, apply `overrides` to the config it holds, build the parts and load its state into them."""
+        with phase(callbacks, "restore"):
+            saved = load_latest(Path(run_dir))
+            cfg = saved.resumed_config(run_dir, overrides)
+            return cls(cfg, run_dir, saved, callbacks)
 
     # The parts and progress most often read, as the trainer's own attributes.
     agent = property(lambda self: self.parts.agent)
@@ -119,6 +129,8 @@ class Trainer:
                     self._log_train(bar)
                 if (cfg.eval.every and c.env_steps % cfg.eval.every == 0) or last:
                     self.evaluate(bar)
+                    if self._video_due(last):
+                        self.record_videos()
                 if (cfg.checkpoint.every and c.env_steps % cfg.checkpoint.every == 0) or last:
                     self.save_checkpoint()
                 if not all(callback.on_step(self) is not False for callback in self.callbacks) and not last:
@@ -135,6 +147,8 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
+            if self.videos is not None:
+                self.videos.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -193,6 +207,8 @@ class Trainer:
         """One update; its metrics, or None if it was not finite and was skipped."""
         c, cfg, parts = self.counters, self.cfg, self.parts
         batch = parts.buffer.sample(cfg.train.batch_per_task, parts.gen_device, parts.device)
+        for callback in self.callbacks:
+            batch = callback.on_batch(self, batch) or batch
         every = cfg.combiner.diagnostics_every
         with phase(self.callbacks, "update"):
             result = parts.learner(batch, parts.gen_device, parts.gen_cpu, bool(every) and c.updates % every == 0)
@@ -251,6 +267,23 @@ class Trainer:
             bar.set_postfix({"success": f"{result.mean_success:.2f}"}, refresh=False)
         tqdm.write(result.summary(self.counters.env_steps, self.cfg.eval.episodes))
         return result
+
+    def _video_due(self, last: bool) -> bool:
+        """Videos go with every `eval.video_every`-th evaluation (counted from the run's start, so a resume
+        keeps the schedule) and with the last one."""
+        every = self.cfg.eval.every
+        evaluations = self.counters.env_steps // every if every else 1
+        return self.videos is not None and (last or evaluations % self.cfg.eval.video_every == 0)
+
+    def record_videos(self) -> dict[str, Path]:
+        """Videos of the current policy's evaluation episodes in `run_dir/videos/step_<step>/<task>.mp4`."""
+        step = self.counters.env_steps
+        out_dir = self.run_dir / "videos" / f"step_{step:010d}"
+        videos = self.videos(self.policy(), out_dir, progress=self.cfg.log.progress)
+        paths = {task: video.path for task, video in videos.items()}
+        self.logger.log_videos(step, paths)
+        tqdm.write(f"step {step}: videos of the evaluation episodes in {out_dir}")
+        return paths
 
     def save_checkpoint(self) -> Path:
         """Write the run's state as `step_<step>.pt`; also as `best.pt` if its last evaluation is the best yet."""

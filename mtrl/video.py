@@ -20,15 +20,18 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
+from tqdm import tqdm
 
 from mtrl.config import Config, ConfigError
 from mtrl.evaluation import Agent
+from mtrl.logger import log
 
 if TYPE_CHECKING:
     from mtrl.envs import EnvBackend
@@ -45,6 +48,19 @@ class TaskVideo:
     lengths: list[int]  # steps per episode
     returns: list[float]
     successes: list[bool]
+    fps: float = 0.0  # frames per second of the file: real time
+    seconds: float = 0.0  # wall-clock time it took to record
+
+
+def frame_stride(native_fps: float, fps: float | None, key: str = "--fps") -> int:
+    """Every how many steps a frame is kept so that a video of `fps` frames per second still plays in real
+    time (the env steps at `native_fps`: Meta-World at 80, the toy benchmark at 20); None keeps every frame.
+    `key` names the setting in the error."""
+    if fps is None:
+        return 1
+    if not 0 < fps <= native_fps:
+        raise ConfigError(f"{key} must be in (0, {native_fps:g}], the env's own frame rate; found {fps:g}")
+    return max(1, round(native_fps / fps))
 
 
 def default_camera(benchmark: str) -> str:
@@ -108,20 +124,33 @@ def _render(env: gym.Env, task: str) -> np.ndarray:
     return np.asarray(frame)
 
 
-def _record_task(agent: Agent, env: gym.Env, task: str, episodes: int, path: Path) -> TaskVideo:
+def _record_task(
+    agent: Agent, env: gym.Env, task: str, episodes: int, path: Path, fps: float | None, bar: tqdm
+) -> TaskVideo:
+    """`episodes` episodes of one sub-env into `path`. Only the frames kept are rendered: the one after
+    each reset, every `stride`-th step's, and each episode's last (the success, or the time limit)."""
     import imageio.v2 as imageio
 
-    video = TaskVideo(path, 0, [], [], [])
-    fps = env.metadata.get("render_fps", 30)
+    start = time.perf_counter()
+    stride = frame_stride(env.metadata.get("render_fps", 30), fps)
+    video = TaskVideo(path, 0, [], [], [], fps=env.metadata.get("render_fps", 30) / stride)
+    turn = None
+
+    def keep(writer) -> None:
+        nonlocal turn
+        frame = _render(env, task)
+        turn = _upside_down(env) if turn is None else turn
+        writer.append_data(np.rot90(frame, 2) if turn else frame)
+        video.frames += 1
+        bar.update()
+
     # macro_block_size=1: keep the requested size (imageio would otherwise pad to multiples of 16)
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as writer:
-        turn = None
+    options = {"fps": video.fps, "codec": "libx264", "macro_block_size": 1, "ffmpeg_log_level": "error"}
+    with imageio.get_writer(path, **options) as writer:
         for _ in range(episodes):
             obs, _ = env.reset()
             agent.reset(np.ones(1, dtype=bool))
-            frame = _render(env, task)
-            turn = _upside_down(env) if turn is None else turn
-            writer.append_data(np.rot90(frame, 2) if turn else frame)
+            keep(writer)
             length, ret, success, done = 0, 0.0, False, False
             while not done:
                 action = agent.eval_action(np.asarray(obs)[None])[0]
@@ -129,21 +158,32 @@ def _record_task(agent: Agent, env: gym.Env, task: str, episodes: int, path: Pat
                 length, ret = length + 1, ret + float(reward)
                 success = success or bool(info.get("success", 0.0))
                 done = bool(terminated or truncated)
-                frame = _render(env, task)
-                writer.append_data(np.rot90(frame, 2) if turn else frame)
-            video.frames += length + 1
+                if done or length % stride == 0:
+                    keep(writer)
             video.lengths.append(length)
             video.returns.append(ret)
             video.successes.append(success)
+    video.seconds = time.perf_counter() - start
     return video
 
 
-def record_videos(agent: Agent, backend: EnvBackend, out_dir: Path, episodes: int) -> dict[str, TaskVideo]:
-    """Render `episodes` evaluation episodes per task into `out_dir/<task>.mp4`.
+def record_videos(
+    agent: Agent,
+    backend: EnvBackend,
+    out_dir: Path,
+    episodes: int,
+    fps: float | None = None,
+    progress: bool | None = False,
+    max_episode_steps: int | None = None,
+) -> dict[str, TaskVideo]:
+    """Render `episodes` evaluation episodes per task into `out_dir/<task>.mp4`, at `fps` frames per second
+    (None: every step's frame, the env's own rate).
 
     `backend` is built with `render` and `vector_strategy="sync"`: each of its sub-envs is stepped
     on its own, and the agent gets one observation at a time. The files appear in `out_dir` only
-    once every video is complete: a failure leaves `out_dir` as it was.
+    once every video is complete: a failure leaves `out_dir` as it was. `progress`: a progress bar per
+    task on stderr with the frames rendered per second (None: only on a terminal), whose length
+    assumes episodes of `max_episode_steps`; each finished task is also logged in one line.
     """
     envs = backend.vector_env
     if not isinstance(envs, gym.vector.SyncVectorEnv):
@@ -152,10 +192,18 @@ def record_videos(agent: Agent, backend: EnvBackend, out_dir: Path, episodes: in
         raise ValueError(f"episodes must be >= 1, found {episodes}")
     staging = Path(tempfile.mkdtemp(prefix="mtrl-video-"))
     try:
-        videos = {
-            task: _record_task(agent, env, task, episodes, staging / f"{task}.mp4")
-            for env, task in zip(envs.envs, backend.task_names, strict=True)
-        }
+        videos = {}
+        for env, task in zip(envs.envs, backend.task_names, strict=True):
+            stride = frame_stride(env.metadata.get("render_fps", 30), fps)
+            # frames of episodes that run to the time limit: the reset's, every stride-th step's, the last
+            most = None if max_episode_steps is None else episodes * (max_episode_steps // stride + 2)
+            disable = None if progress is None else not progress  # tqdm's None: only on a terminal
+            with tqdm(total=most, desc=task, unit="frame", disable=disable, leave=False, dynamic_ncols=True) as bar:
+                video = _record_task(agent, env, task, episodes, staging / f"{task}.mp4", fps, bar)
+            if progress is not False:
+                rate = video.frames / max(video.seconds, 1e-9)
+                log.info("%s: %d frames in %.1f s (%.1f frames/s)", task, video.frames, video.seconds, rate)
+            videos[task] = video
         out_dir.mkdir(parents=True, exist_ok=True)
         for video in videos.values():
             video.path = Path(shutil.move(video.path, out_dir / video.path.name))
@@ -164,11 +212,63 @@ def record_videos(agent: Agent, backend: EnvBackend, out_dir: Path, episodes: in
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_options(out_dir: Path, episodes: int, width: int, height: int) -> None:
+def prepare_rendering(benchmark: str) -> None:
+    """Make MuJoCo's OpenGL backend ready for `benchmark`'s frames (none needed by the toy benchmark)."""
+    from mtrl.envs import backend_module
+
+    if not backend_module(benchmark).RENDERS_WITH_MUJOCO:
+        return
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        # Without a display, gymnasium's automatic choice (GLFW) fails; EGL is the headless backend.
+        os.environ["MUJOCO_GL"] = "egl"
+    _load_mujoco()
+
+
+class EvalVideos:
+    """Videos of the evaluation episodes during training (`eval.video_every`): CleanRL's `--capture-video`.
+
+    Its own sync render envs hold the evaluation's goal sets (same seed) and start each time from their
+    state when built, as the evaluator's do, so a video's episode k of a task is that task's episode k
+    of the evaluation it goes with. Built when the run starts: a missing OpenGL backend or an unknown
+    camera stops the run before training rather than at its first video.
+    """
+
+    def __init__(self, cfg: Config):
+        from mtrl.envs import make_backend
+
+        ev = cfg.eval
+        camera = ev.video_camera or default_camera(cfg.env.benchmark)
+        prepare_rendering(cfg.env.benchmark)
+        render = {"camera_name": camera, "width": ev.video_width, "height": ev.video_height}
+        self.backend = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy="sync", render=render)
+        first = self.backend.vector_env.envs[0]
+        known = camera_names(first)
+        try:
+            if camera not in known:
+                names = ", ".join(known)
+                raise ConfigError(f"eval.video_camera: unknown camera {camera!r}; this benchmark's cameras: {names}")
+            frame_stride(first.metadata.get("render_fps", 30), ev.video_fps, "eval.video_fps")
+        except ConfigError:
+            self.backend.close()
+            raise
+        self.initial_state = self.backend.get_state()
+        self.episodes, self.fps, self.max_episode_steps = ev.video_episodes, ev.video_fps, cfg.env.max_episode_steps
+
+    def __call__(self, agent: Agent, out_dir: Path, progress: bool) -> dict[str, TaskVideo]:
+        self.backend.set_state(self.initial_state)
+        return record_videos(agent, self.backend, out_dir, self.episodes, self.fps, progress, self.max_episode_steps)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def check_options(out_dir: Path, episodes: int, width: int, height: int, fps: float | None = None) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--video {out_dir}: exists and is not a directory")
     if episodes < 1:
         raise ConfigError(f"--video-episodes must be >= 1, found {episodes}")
+    if fps is not None and not fps > 0:
+        raise ConfigError(f"--fps must be > 0, found {fps:g}")
     for flag, value in (("--width", width), ("--height", height)):
         if value < 2 or value % 2:
             raise ConfigError(f"{flag} must be a positive even number of pixels (H.264 video), found {value}")
@@ -176,25 +276,22 @@ def check_options(out_dir: Path, episodes: int, width: int, height: int) -> None
 
 def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
     """The `mtrl eval --video` branch: `seed` is the evaluation envs' seed."""
-    from mtrl.envs import backend_module, make_backend
+    from mtrl.envs import make_backend
 
     if args.episodes is not None:
         raise ConfigError("--episodes sets the evaluation's episodes; with --video, use --video-episodes")
-    check_options(args.video, args.video_episodes, args.width, args.height)
+    check_options(args.video, args.video_episodes, args.width, args.height, args.fps)
     camera = args.camera or default_camera(cfg.env.benchmark)
-    mujoco_frames = backend_module(cfg.env.benchmark).RENDERS_WITH_MUJOCO
-    if mujoco_frames and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-        # Without a display, gymnasium's automatic choice (GLFW) fails; EGL is the headless backend.
-        os.environ["MUJOCO_GL"] = "egl"
-    if mujoco_frames:
-        _load_mujoco()
+    prepare_rendering(cfg.env.benchmark)
     render = {"camera_name": camera, "width": args.width, "height": args.height}
     backend = make_backend(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)
     try:
         known = camera_names(backend.vector_env.envs[0])
         if camera not in known:
             raise ConfigError(f"unknown camera {camera!r}; this benchmark's cameras: {', '.join(known)}")
-        videos = record_videos(agent, backend, args.video, args.video_episodes)
+        videos = record_videos(
+            agent, backend, args.video, args.video_episodes, args.fps, None, cfg.env.max_episode_steps
+        )
     finally:
         backend.close()
     per_task = {

@@ -9,7 +9,6 @@ and log records reach the actual stderr.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import pickle
 import shutil
@@ -430,8 +429,6 @@ def test_bad_input_gives_one_line_an_error_code_and_writes_nothing(case, tmp_pat
         pytest.skip("needs a machine without CUDA")
     _prepare(tmp_path, finished_run, case)
     monkeypatch.chdir(tmp_path)
-    # A console handler bound to this test's captured stderr, so that log records count as lines.
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
     before = _snapshot(tmp_path)
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:

@@ -20,7 +20,7 @@ from mtrl.baseline import BASELINE_DIR, METHOD, PENDING_DIR, BaselineRun, is_fin
 from mtrl.cli import main
 from mtrl.config import load_config
 from mtrl.envs import make_backend
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from tests.conftest import TOY_OVERRIDES, toy_config
 
 # Chunks of 20 steps (2 toy episodes of 10 steps) up to 40 steps per task, learning from step 10 on.
@@ -296,3 +296,29 @@ def test_mt10_agents_train_and_evaluate_on_the_multitask_goal_sets(tmp_path):
     assert not set(goals(mt1.vector_env.envs[0])) & set(goals(run.models[reach].get_env().envs[0]))
     mt1.close()
     run.close()
+
+
+def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert _baseline(tmp_path, "run", "agent.hidden_sizes=[7]", "--print-config") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["agent"]["hidden_sizes"] == [7]
+    assert printed["env"]["benchmark"] == "toy"
+    assert printed["train"]["total_steps"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset.yaml"]
+    # a setting SB3 cannot reproduce is refused, as it would be by the run
+    assert _baseline(tmp_path, "run", "train.grad_clip_norm=1.0", "--print-config") == 2
+    assert "SB3's SAC has no train.grad_clip_norm" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset.yaml"]
+
+
+def test_print_config_on_resume_shows_the_saved_config_with_the_overrides(tmp_path, capsys):
+    assert _baseline(tmp_path, "run", "train.total_steps=20") == 0
+    before = _tree(tmp_path / "run")
+    capsys.readouterr()
+    assert _resume(tmp_path / "run", "train.total_steps=40", "--print-config") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["total_steps"] == 40
+    assert printed["run"]["dir"] == str(tmp_path / "run")
+    assert _tree(tmp_path / "run") == before

@@ -15,6 +15,7 @@ FIELDS = {
     "K",
     "device",
     "compile",
+    "networks",
     "update_ms",
     "ratio_to_mean",
     "jacobian_ms",
@@ -27,11 +28,14 @@ SMALL = ["--tasks", "2,3", "--devices", "cpu", "--hidden", "8", "--batch-per-tas
 
 
 def test_bench_update_records_each_combiner_against_mean_at_each_k(capsys):
-    assert main(["bench", "update", "--json", "--combiners", "pcgrad,adatask", *SMALL]) == 0
+    assert main(["bench", "update", "--json", "--combiners", "pcgrad,famo,adatask", *SMALL]) == 0
     records = json.loads(capsys.readouterr().out)
     # mean first at each K: the other combiners' ratios refer to it
-    assert [(r["combiner"], r["K"]) for r in records] == [(n, k) for k in (2, 3) for n in ("mean", "pcgrad", "adatask")]
+    names = ("mean", "pcgrad", "famo", "adatask")
+    assert [(r["combiner"], r["K"]) for r in records] == [(n, k) for k in (2, 3) for n in names]
     for r in records:
+        # FAMO weighs the critic's losses only (the config refuses the actor for it)
+        assert r["networks"] == (["critic"] if r["combiner"] == "famo" else ["critic", "actor"])
         assert set(r) == FIELDS
         assert (r["device"], r["compile"], r["batch_per_task"], r["hidden"]) == ("cpu", "none", 4, [8])
         assert r["architecture"] == "conditioned" and r["ratio_to_multihead_mean"] is None

@@ -32,6 +32,8 @@ DEFAULTS = {
     "mgda": {},
     "pcgrad": {},
     "nashmtl": {},
+    "famo": {"logit_lr": 0.025, "logit_decay": 0.01, "min_loss": 0.0, "variant": "paper"},
+    "gradnorm": {"alpha": 0.12, "weight_lr": 3e-4, "min_loss": 0.0, "variant": "paper"},
 }
 
 

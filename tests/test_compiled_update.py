@@ -1,7 +1,7 @@
-"""The update as one function of tensors (`SACUpdate.apply`, what `train.compile` compiles).
+"""The update as one function of tensors (`CompiledUpdate.apply`, what `train.compile` compiles).
 
 `apply` takes every step on the device: the finiteness flag is never read inside it, so a skipped
-update is written through `torch.where`. These tests hold it (`SACUpdate(device_steps=True)`, and
+update is written through `torch.where`. These tests hold it (`CompiledUpdate(update)`, and
 compiled) to the eager update, which steps with `torch.optim.Adam` only after reading the flag on
 the host, and check that torch.compile captures it whole (`fullgraph=True`: no graph break, no host
 read).
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mtrl.combiners import Combiner, make_combiner
+from mtrl.compiled import CompiledUpdate
 from mtrl.config import ConfigError
 from mtrl.optim import Optimization
 from mtrl.sac import SACUpdate, UpdateHook, UpdateResult, policy_noise
@@ -36,27 +37,20 @@ CASES = {
 }
 
 
-def _update(case: str, compile: str = "none", device_steps: bool = False) -> SACUpdate:
+def _update(case: str, compile: str = "none", device_steps: bool = False) -> SACUpdate | CompiledUpdate:
     spec = dict(CASES[case])
     if spec["combiner"] == "sdmgrad_os":
         spec["combiner"] = make_combiner("sdmgrad_os", n=2)
     update = make_update(**spec)
     if compile == "none" and not device_steps:
         return update
-    return SACUpdate(
-        update.agent,
-        update.optimization,
-        update.combiner,
-        ["critic", "actor"],
-        compile=compile,
-        device_steps=device_steps,
-    )
+    return CompiledUpdate(update, compile)
 
 
 def _run_apply(update: SACUpdate, batches, apply=None, diagnostics: bool = False) -> list[bool]:
-    """What `SACUpdate.__call__` does in a compiled run, with `apply` (default: the uncompiled one)."""
+    """What `CompiledUpdate.__call__` does, with `apply` (default: the uncompiled one)."""
     generator, combiner_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
-    apply = apply or update.apply
+    apply = apply or CompiledUpdate(update).apply
     flags = []
     for batch in batches:
         next_noise = policy_noise((K, B, ACT), generator, batch.obs.device)
@@ -70,17 +64,17 @@ def _run_apply(update: SACUpdate, batches, apply=None, diagnostics: bool = False
     return flags
 
 
-def _run(update: SACUpdate, batches, diagnostics: bool = False) -> list[UpdateResult]:
+def _run(update: SACUpdate | CompiledUpdate, batches, diagnostics: bool = False) -> list[UpdateResult]:
     """`update` called as the trainer calls it, on each batch in turn."""
     generator, combiner_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
     return [update(batch, generator, combiner_generator, diagnostics) for batch in batches]
 
 
-def _run_eager(update: SACUpdate, batches) -> list[bool]:
+def _run_eager(update: SACUpdate | CompiledUpdate, batches) -> list[bool]:
     return [result.finite for result in _run(update, batches)]
 
 
-def _tensors(update: SACUpdate) -> dict[str, torch.Tensor]:
+def _tensors(update: SACUpdate | CompiledUpdate) -> dict[str, torch.Tensor]:
     """Every weight (targets and temperatures included) and every optimizer state tensor, by name."""
     out = {f"agent.{name}": t for name, t in update.agent.state_dict().items()}
     for net, state in update.optimization.state_dict().items():
@@ -90,7 +84,9 @@ def _tensors(update: SACUpdate) -> dict[str, torch.Tensor]:
     return out
 
 
-def _assert_same(a: SACUpdate, b: SACUpdate, rtol: float = 1e-12, atol: float = 1e-15) -> None:
+def _assert_same(
+    a: SACUpdate | CompiledUpdate, b: SACUpdate | CompiledUpdate, rtol: float = 1e-12, atol: float = 1e-15
+) -> None:
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys()
     for name, value in ta.items():
@@ -136,7 +132,7 @@ def test_a_finite_update_moves_every_network_and_the_targets():
 
 def _compiled_apply(update: SACUpdate):
     # The "eager" backend runs what Dynamo captured as it is: these tests are about capture, not codegen.
-    return torch.compile(update.apply, fullgraph=True, backend="eager", dynamic=False)
+    return torch.compile(CompiledUpdate(update).apply, fullgraph=True, backend="eager", dynamic=False)
 
 
 @pytest.mark.parametrize(
@@ -155,7 +151,7 @@ def test_the_whole_update_compiles_as_one_graph(case):
 
 
 @pytest.mark.slow  # tracing takes 15-25 s each: the combiners' solvers unroll into the graph
-@pytest.mark.parametrize("combiner", ["cagrad", "nashmtl", "sdmgrad_os"])
+@pytest.mark.parametrize("combiner", ["cagrad", "nashmtl", "sdmgrad_os", "fairgrad", "alignedmtl", "upgrad"])
 def test_the_whole_update_compiles_as_one_graph_with_an_iterative_combiner(combiner):
     torch._dynamo.reset()
 
@@ -179,7 +175,7 @@ def test_compiled_with_inductor_on_the_cpu_matches_the_eager_update():
 def test_unknown_compile_modes_are_refused(tmp_path):
     update = _update("mean")
     with pytest.raises(ValueError, match="^unknown compile mode 'fast'; choose from: none, default, reduce-overhead$"):
-        SACUpdate(update.agent, update.optimization, update.combiner, compile="fast")
+        CompiledUpdate(update, "fast")
     with pytest.raises(
         ConfigError, match="^train.compile must be one of none, default, reduce-overhead; found 'fast'$"
     ):
@@ -252,7 +248,8 @@ def test_the_combiners_draws_come_from_the_combiner_generator_in_network_order(d
     combiner, recorder = _RecordingCombiner(), _StepRecorder()
     agent = make_update("multihead").agent
     optimization = Optimization(agent.params, "adam", agent.learning_rates, K)
-    update = SACUpdate(agent, optimization, combiner, hooks=[recorder], device_steps=device_steps)
+    update = SACUpdate(agent, optimization, combiner, hooks=[recorder])
+    update = CompiledUpdate(update) if device_steps else update
     results = _run(update, BATCHES[:2])
     assert all(result.finite for result in results)
     replay = torch.Generator().manual_seed(4)  # the combiner generator of `_run`

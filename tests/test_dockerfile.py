@@ -1,9 +1,11 @@
 """The Dockerfile, read without a Docker engine: in sync with pyproject.toml, scripts/install.sh and
-the README's docker commands; headless EGL rendering; non-root; no build tools at run time; lint-clean."""
+docs/container.md (the torch build argument and its driver table, the docker, podman, buildah and
+apptainer commands); headless rendering; non-root; no build tools at run time; lint-clean."""
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import re
 import shlex
@@ -25,6 +27,10 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTAINER_DOC = ROOT / "docs" / "container.md"
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+# pip options followed by a value, which is no requirement
+PIP_VALUE_OPTIONS = {"--index-url", "-i", "--extra-index-url", "-c", "--constraint", "-r", "--requirement"}
 BUILD_TOOLS = {"build-essential", "gcc", "g++", "make", "cmake", "clang", "git", "python3-dev", "libc6-dev"}
 
 
@@ -60,9 +66,26 @@ def _stages() -> list[Stage]:
         if keyword == "FROM":
             image, _, name = rest.partition(" AS ")
             stages.append(Stage(image.strip(), name.strip() or None))
-        else:
+        elif stages:
             stages[-1].instructions.append((keyword, rest))
+        else:
+            assert keyword == "ARG", f"only ARG may come before the first FROM, found {keyword}"
     return stages
+
+
+def _global_args() -> dict[str, str | None]:
+    """The ARGs before the first FROM (a build argument every stage may declare again): name -> default."""
+    args = {}
+    for keyword, rest in _instructions((ROOT / "Dockerfile").read_text()):
+        if keyword == "FROM":
+            break
+        name, eq, default = rest.partition("=")
+        args[name] = shlex.split(default)[0] if eq and default else None
+    return args
+
+
+def _declared_args() -> set[str]:
+    return set(_global_args()) | {a.partition("=")[0] for stage in _stages() for a in stage.args("ARG")}
 
 
 def _env(stage: Stage) -> dict[str, str]:
@@ -74,15 +97,27 @@ def _env(stage: Stage) -> dict[str, str]:
     return env
 
 
-def _pip_installs(stage: Stage) -> list[list[str]]:
-    """The arguments of every `pip install` (options dropped), one list per command."""
+def _pip_commands(stage: Stage) -> list[tuple[list[str], dict[str, str]]]:
+    """Every `pip install`: its requirements and its options that take a value (e.g. --index-url)."""
     out = []
     for run in stage.args("RUN"):
         for command in re.split(r"&&|;", run):
             words = shlex.split(command)
             if words[:2] == ["pip", "install"] or words[1:4] == ["-m", "pip", "install"]:
-                out.append([w for w in words[words.index("install") + 1 :] if not w.startswith("-")])
+                requirements, options = [], {}
+                rest = iter(words[words.index("install") + 1 :])
+                for word in rest:
+                    if word in PIP_VALUE_OPTIONS:
+                        options[word] = next(rest)
+                    elif not word.startswith("-"):
+                        requirements.append(word)
+                out.append((requirements, options))
     return out
+
+
+def _pip_installs(stage: Stage) -> list[list[str]]:
+    """The requirements of every `pip install`, one list per command."""
+    return [requirements for requirements, _ in _pip_commands(stage)]
 
 
 def _apt_installs(stage: Stage) -> set[str]:
@@ -123,6 +158,58 @@ def test_torch_pin_is_install_sh_s_and_satisfies_pyproject():
     assert torch_installs == [f"torch=={pin}"]
     declared = next(Requirement(r) for r in _pyproject()["project"]["dependencies"] if r.startswith("torch"))
     assert declared.specifier.contains(pin)
+
+
+def _driver_table() -> dict[str, dict[str, str]]:
+    """docs/container.md's table of torch builds: `TORCH_BUILD` value -> its row, by column header."""
+    lines = [line for line in CONTAINER_DOC.read_text().splitlines() if line.startswith("| ")]
+    header = next(line for line in lines if "`TORCH_BUILD`" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = {}
+    for line in lines[lines.index(header) + 2 :]:
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        build = re.fullmatch(r"`(\w+)`( \(default\))?", cells["`TORCH_BUILD`"])
+        if build is None:
+            break
+        rows[build[1]] = {**cells, "default": bool(build[2])}
+    return rows
+
+
+def test_the_torch_build_argument_picks_the_wheel_index_and_the_docs_give_each_builds_driver():
+    default = _global_args()["TORCH_BUILD"]
+    (torch_install,) = [options for reqs, options in _pip_commands(_stages()[0]) if reqs[0].startswith("torch")]
+    assert torch_install == {"--index-url": TORCH_INDEX + "${TORCH_BUILD}"}
+    for stage in _stages():  # a stage sees a global ARG only where it declares it again, without a default
+        if any("TORCH_BUILD" in run for run in stage.args("RUN")):
+            assert "TORCH_BUILD" in stage.args("ARG")
+    table = _driver_table()
+    assert set(table) == {"cu126", "cu130", "cu132", "cpu"}
+    assert [build for build, row in table.items() if row["default"]] == [default]
+    assert default.startswith("cu12"), "the default runs on the CUDA 12 drivers most clusters have"
+    drivers = {build: row["NVIDIA driver on the host (Linux)"] for build, row in table.items()}
+    assert drivers["cpu"] == "none"
+    for build in ("cu126", "cu130", "cu132"):
+        minimum = re.fullmatch(r">= (\d+)\.(\d+)\.(\d+)", drivers[build])
+        assert minimum, drivers[build]
+        # NVIDIA's minor-version compatibility: CUDA 12.x needs a 525 driver, 13.x a 580 one
+        assert int(minimum[1]) == (525 if build.startswith("cu12") else 580)
+    assert f"cu126 (default; driver >= {drivers['cu126'].removeprefix('>= ')})" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_readme_gives_the_same_driver_table_as_the_container_docs():
+    lines = [line for line in CONTAINER_DOC.read_text().splitlines() if line.startswith("| ")]
+    header = next(i for i, line in enumerate(lines) if "`TORCH_BUILD`" in line)
+    table = lines[header : header + 2 + len(_driver_table())]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index(table[0])
+    assert readme[start : start + len(table)] == table
+
+
+def test_the_cpu_build_renders_in_software():
+    runs = " ".join(_final().args("RUN"))
+    assert 'if [ "$TORCH_BUILD" = cpu ]; then apt-get install -y --no-install-recommends libosmesa6; fi' in runs
+    cpu_runs = [c for c in _doc_commands() if c[:2] == ["docker", "run"] and "mtrl-cpu" in c]
+    assert cpu_runs and all({"MUJOCO_GL=osmesa", "PYOPENGL_PLATFORM=osmesa"} <= set(c) for c in cpu_runs)
 
 
 def test_the_package_is_installed_from_its_source_with_pyproject_pins():
@@ -205,37 +292,81 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_runs():
         assert _dockerignored(heavy), heavy
 
 
-def _readme_docker_commands() -> list[list[str]]:
-    """The `docker ...` commands of the README's shell blocks, continuation lines joined."""
-    blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def _doc_commands() -> list[list[str]]:
+    """The shell commands of docs/container.md's ```bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", CONTAINER_DOC.read_text(), flags=re.S)
     commands = []
     for block in blocks:
         for command in block.replace("\\\n", " ").splitlines():
             words = shlex.split(command, comments=True)
-            if words[:1] == ["docker"]:
+            if words:
                 commands.append(words)
     return commands
 
 
-def test_readme_docker_commands_match_the_image():
-    commands = _readme_docker_commands()
-    runs = [c for c in commands if c[1] == "run"]
-    if not runs:
-        pytest.skip("README.md has no ```bash block with a `docker run` example yet (the container section)")
-    (build,) = [c for c in commands if c[1] == "build"]
-    image = build[build.index("-t") + 1]
-    assert build[-1] == "."
+def _built_images() -> dict[str, dict[str, str]]:
+    """Each image tag the page builds (docker build, buildah bud, podman build) -> its build arguments."""
+    images = {}
+    for words in _doc_commands():
+        if words[:2] in (["docker", "build"], ["buildah", "bud"], ["podman", "build"]):
+            assert words[-1] == ".", words
+            values = [value for option, value in itertools.pairwise(words) if option == "--build-arg"]
+            images[words[words.index("-t") + 1]] = dict(value.split("=", 1) for value in values)
+    return images
+
+
+def test_the_documented_builds_use_declared_arguments_and_documented_values():
+    images = _built_images()
+    assert {"mtrl", "mtrl-cpu"} <= set(images)
+    assert any(c[:2] == ["buildah", "bud"] and {"--isolation", "chroot"} <= set(c) for c in _doc_commands())
+    extras = set(_pyproject()["project"]["optional-dependencies"])
+    for build_args in images.values():
+        assert set(build_args) <= _declared_args()
+        assert build_args.get("TORCH_BUILD", _global_args()["TORCH_BUILD"]) in _driver_table()
+        assert set(filter(None, build_args.get("EXTRAS", "").split(","))) <= extras
+
+
+def _check_mtrl_arguments(args: list[str]) -> None:
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"mtrl rejects the documented arguments {args}")
+    if getattr(parsed, "config", None) is not None:
+        assert (ROOT / parsed.config).is_file(), f"{parsed.config} is not a preset in configs/"
+
+
+def test_the_documented_run_commands_match_the_image():
+    images = _built_images()
+    runs = [c for c in _doc_commands() if c[:2] in (["docker", "run"], ["podman", "run"])]
+    assert {c[0] for c in runs} == {"docker", "podman"}
     for run in runs:
-        assert run[run.index("--gpus") + 1] == "all"
+        image_at = next(i for i, w in enumerate(run) if w in images)
+        image, args = run[image_at], run[image_at + 1 :]
+        cpu = images[image].get("TORCH_BUILD") == "cpu"
+        if run[0] == "docker" and not cpu:
+            assert run[run.index("--gpus") + 1] == "all"
+        if run[0] == "podman":
+            assert run[run.index("--device") + 1] == "nvidia.com/gpu=all"  # the container device interface
+        if "--entrypoint" in run:
+            continue  # a command other than mtrl (checking that torch sees the GPU)
         mount = run[run.index("-v") + 1].split(":")
-        assert mount[1] == _volume(), "the README mounts the runs directory where the image keeps it"
-        args = run[run.index(image) + 1 :]
-        try:
-            parsed = build_parser().parse_args(args)
-        except SystemExit:
-            pytest.fail(f"mtrl rejects the README's arguments {args}")
-        if getattr(parsed, "config", None) is not None:
-            assert (ROOT / parsed.config).is_file(), f"{parsed.config} is not a preset in configs/"
+        assert mount[1] == _volume(), "the page mounts the runs directory where the image keeps it"
+        _check_mtrl_arguments(args)
+
+
+def test_the_apptainer_commands_convert_the_image_and_run_it_like_docker():
+    commands = _doc_commands()
+    builds = [c for c in commands if c[:2] == ["apptainer", "build"]]
+    assert {c[3].split(":")[0] for c in builds} == {"docker-daemon", "docker-archive"}
+    assert "docker-daemon://mtrl:latest" in {c[3] for c in builds}
+    (run,) = [c for c in commands if c[:2] == ["apptainer", "run"]]
+    assert "--nv" in run  # the host's NVIDIA libraries
+    (workdir,) = _final().args("WORKDIR")
+    assert run[run.index("--pwd") + 1] == workdir, "the presets in configs/ are relative to the working directory"
+    assert run[run.index("--bind") + 1].split(":")[1] == _volume()
+    sif = next(i for i, w in enumerate(run) if w.endswith(".sif"))
+    assert run[sif] == builds[0][2]
+    _check_mtrl_arguments(run[sif + 1 :])
 
 
 def test_hadolint_finds_nothing():

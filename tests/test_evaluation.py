@@ -16,7 +16,7 @@ from mtrl.cli import main
 from mtrl.config import load_config
 from mtrl.envs import make_backend
 from mtrl.evaluation import EvalResult, Evaluator, evaluate
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import TOY_OVERRIDES, toy_config
 
@@ -114,3 +114,4 @@ def test_an_evaluations_log_record_dictionary_and_console_line():
     assert result.to_dict() == {"mean_success": 0.5, "mean_return": 12.0, "per_task": per_task}
     assert EvalResult(**result.to_dict()) == result
     assert result.summary(step=300, episodes=4) == "step 300: eval success 0.500, return 12.0 (4 episodes per task)"
+    assert result.summary(step=300, episodes=1) == "step 300: eval success 0.500, return 12.0 (1 episode per task)"

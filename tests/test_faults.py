@@ -21,7 +21,6 @@ Checkpoints fall on episode boundaries and hold the buffer, so resuming is exact
 from __future__ import annotations
 
 import json
-import logging
 import mmap
 import os
 import random
@@ -44,7 +43,7 @@ from mtrl import checkpoint as ckpt
 from mtrl.callbacks import Callback
 from mtrl.cli import main
 from mtrl.config import load_config
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -452,7 +451,6 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(
         assert r == reference.record(r["kind"], r["step"])
 
     capsys.readouterr()
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])  # log to this test's stderr
     assert main(["train", "--resume", str(run)]) == 0
     assert f"resumed from {latest} at step {stopped}" in capsys.readouterr().err
     records, cut = _read_metrics(run)

@@ -21,11 +21,12 @@ from mtrl import load_policy
 from mtrl.adatask import AdaTask
 from mtrl.buffer import Batch
 from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.combiners.base import TaskLosses
 from mtrl.config import AgentConfig
 from mtrl.envs import make_backend
 from mtrl.evaluation import evaluate
-from mtrl.logger import METRICS_FILE
 from mtrl.optim import Optimization
+from mtrl.rundir import METRICS_FILE
 from mtrl.sac import MTSAC, SACUpdate
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
@@ -142,7 +143,11 @@ def test_combiners_compute_on_cuda_what_they_compute_on_the_cpu(name):
         combiner = make_combiner(name)
         generator = torch.Generator().manual_seed(1)  # the trainer hands combiners a CPU generator
         rows = combiner.select_tasks(k, generator).cpu()
-        results.append((rows, [combiner(matrix[rows].to(device), generator=generator).cpu() for _ in range(3)]))
+        # losses for the loss-weighting combiners (the others ignore them); the last 100 columns are the last layer
+        layout = (("trunk.weight", 400), ("head.weight", 100))
+        losses = TaskLosses("critic", torch.linspace(0.5, 2.0, k)[rows].to(device), layout)
+        updates = [combiner(matrix[rows].to(device), generator=generator, losses=losses).cpu() for _ in range(3)]
+        results.append((rows, updates))
     (cpu_rows, cpu_updates), (gpu_rows, gpu_updates) = results
     assert torch.equal(cpu_rows, gpu_rows)
     for step, (a, b) in enumerate(zip(cpu_updates, gpu_updates, strict=True)):  # stateful ones: warm starts too

@@ -13,15 +13,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtrl import checkpoint as ckpt
-from mtrl.buffer import Batch, MultiTaskReplayBuffer
+from mtrl.buffer import Batch
+from mtrl.callbacks import Callback
 from mtrl.cli import main
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.sac import SACUpdate, UpdateHook
 from mtrl.trainer import Trainer, TrainingError
 from tests.conftest import TOY_OVERRIDES, toy_config
@@ -86,37 +88,44 @@ def assert_identical(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+class OnBatch(Callback):
+    """Hands each batch sampled for an update to `receive(trainer, batch)`; the update runs on what it returns."""
+
+    def __init__(self, receive: Callable[[Trainer, Batch], Batch]):
+        self.receive = receive
+
+    def on_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+        return self.receive(trainer, batch)
+
+
 class FaultInjector(UpdateHook):
     """Corrupts the updates whose index is in `schedule`; checks after each that nothing changed.
 
-    Batches are corrupted as the buffer hands them out; gradients through the update's
+    Batches are corrupted as the trainer receives them (`Callback.on_batch`); gradients through the update's
     `on_gradients` hook, after every loss of the update was computed (and found finite).
     """
 
     POISON = {"nan critic gradient": ("critic", torch.nan), "inf actor gradient": ("actor", torch.inf)}
 
-    def __init__(self, trainer: Trainer, schedule: dict[int, str], monkeypatch):
+    def __init__(self, trainer: Trainer, schedule: dict[int, str]):
         self.trainer, self.schedule = trainer, schedule
         self.calls = 0
         self.pending: str | None = None
         self.snapshot: dict | None = None
         self.injected: list[tuple[int, str]] = []  # (env step, kind)
         self.verified = 0
-        original_sample = trainer.buffer.sample
-
-        def sample(*args, **kwargs):
-            self._verify_previous()
-            batch = original_sample(*args, **kwargs)
-            self.pending = schedule.get(self.calls)
-            self.calls += 1
-            if self.pending is not None:
-                self.snapshot = agent_state(trainer)
-                self.injected.append((trainer.counters.env_steps, self.pending))
-                batch = corrupt(batch, self.pending)
-            return batch
-
-        monkeypatch.setattr(trainer.buffer, "sample", sample)
+        trainer.callbacks.append(OnBatch(self.receive))
         trainer.learner.hooks.append(self)
+
+    def receive(self, trainer: Trainer, batch: Batch) -> Batch:
+        self._verify_previous()
+        self.pending = self.schedule.get(self.calls)
+        self.calls += 1
+        if self.pending is not None:
+            self.snapshot = agent_state(trainer)
+            self.injected.append((trainer.counters.env_steps, self.pending))
+            batch = corrupt(batch, self.pending)
+        return batch
 
     def on_gradients(self, network: str, parameters: list[torch.nn.Parameter]) -> None:
         target = self.POISON.get(self.pending)
@@ -145,10 +154,10 @@ def _trained(run: Path, *overrides: str) -> Trainer:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("combiner", ["mean", "pcgrad"])
-def test_a_bad_update_writes_nothing_and_a_good_one_does(kind, combiner, tmp_path, monkeypatch):
+def test_a_bad_update_writes_nothing_and_a_good_one_does(kind, combiner, tmp_path):
     trainer = _trained(tmp_path / "run", f"combiner.name={combiner}")
     c = trainer.counters
-    injector = FaultInjector(trainer, {0: kind}, monkeypatch)
+    injector = FaultInjector(trainer, {0: kind})
     before = agent_state(trainer)
     counts = (c.updates, c.bad_updates, c.bad_streak)
     assert trainer.update() is None
@@ -168,14 +177,14 @@ def test_a_bad_update_writes_nothing_and_a_good_one_does(kind, combiner, tmp_pat
 
 
 @pytest.mark.parametrize(("combiner", "variant"), [("mean", "conditioned"), ("pcgrad", "multihead")])
-def test_faults_in_a_live_run_are_skipped_counted_and_logged(combiner, variant, tmp_path, monkeypatch, caplog):
+def test_faults_in_a_live_run_are_skipped_counted_and_logged(combiner, variant, tmp_path, caplog):
     run = tmp_path / "run"
     overrides = [f"combiner.name={combiner}", f"agent.architecture={variant}", "train.max_bad_updates=5"]
     trainer = Trainer(toy_config(run, *overrides), run)
     # 200 steps, updates from step 40 on: 161 updates. Faults: single ones of every kind, and runs of
     # four in a row (one short of the limit), so the streak must reset after each good update.
     schedule = {i: KINDS[i % len(KINDS)] for i in (3, 10, 11, 40, 41, 42, 43, 77, 100, 120, 121, 122, 123, 150)}
-    injector = FaultInjector(trainer, schedule, monkeypatch)
+    injector = FaultInjector(trainer, schedule)
     with caplog.at_level(logging.WARNING, logger="mtrl"):
         assert trainer.train() == 0
     injector.finish()
@@ -204,11 +213,11 @@ def test_faults_in_a_live_run_are_skipped_counted_and_logged(combiner, variant, 
     print(f"\nfaults injected {len(schedule)}, survived {injector.verified} ({combiner}, {variant})")
 
 
-def test_too_many_bad_updates_in_a_row_stop_with_the_last_good_state_checkpointed(tmp_path, monkeypatch):
+def test_too_many_bad_updates_in_a_row_stop_with_the_last_good_state_checkpointed(tmp_path):
     run = tmp_path / "run"
     trainer = Trainer(toy_config(run, "train.max_bad_updates=4", "checkpoint.every=0", "eval.every=0"), run)
     first_bad = 30
-    injector = FaultInjector(trainer, {i: "nan reward" for i in range(first_bad, 1000)}, monkeypatch)
+    injector = FaultInjector(trainer, {i: "nan reward" for i in range(first_bad, 1000)})
     with pytest.raises(TrainingError) as info:
         trainer.train()
     stop_step = 40 + first_bad + 3  # updates start at step 40, one per step
@@ -226,13 +235,11 @@ def test_too_many_bad_updates_in_a_row_stop_with_the_last_good_state_checkpointe
     assert_identical({"agent": saved["agent"], "optimizers": saved["optimizers"]}, last_good)
 
 
-def test_the_cli_reports_a_streak_stop_in_one_line_and_exit_code_1(tmp_path, monkeypatch, capsys):
-    original = MultiTaskReplayBuffer.sample
-    monkeypatch.setattr(MultiTaskReplayBuffer, "sample", lambda *a, **k: corrupt(original(*a, **k), "nan reward"))
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])  # log to this test's stderr
+def test_the_cli_reports_a_streak_stop_in_one_line_and_exit_code_1(tmp_path, capsys):
     run = tmp_path / "run"
     code = main(
-        ["train", "--config", str(_empty_yaml(tmp_path)), *TOY_OVERRIDES, f"run.dir={run}", "train.max_bad_updates=3"]
+        ["train", "--config", str(_empty_yaml(tmp_path)), *TOY_OVERRIDES, f"run.dir={run}", "train.max_bad_updates=3"],
+        callbacks=[OnBatch(lambda _trainer, batch: corrupt(batch, "nan reward"))],
     )
     err = capsys.readouterr().err.splitlines()
     assert code == 1

@@ -16,7 +16,7 @@ import pytest
 from mtrl import checkpoint as ckpt
 from mtrl.callbacks import Callback
 from mtrl.config import ConfigError
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
 
@@ -78,7 +78,7 @@ def test_overlap_resumes_exactly(tmp_path):
     full = _run(tmp_path / "full", "train.overlap=true", "checkpoint.save_buffer=true")
     split = tmp_path / "split"
     _run(split, "train.overlap=true", "checkpoint.save_buffer=true", "train.total_steps=100")
-    resumed = Trainer(toy_config(split, "train.overlap=true", "checkpoint.save_buffer=true"), split, resume=True)
+    resumed = Trainer.resume(split, ["train.total_steps=200"])
     assert resumed.train() == 0
     assert _metrics(split) == _metrics(full.run_dir)
 

@@ -21,6 +21,7 @@ from mtrl.report import (
     overall_mean,
     stratified_bootstrap,
 )
+from mtrl.report.markdown import render_markdown
 
 TASKS = ["t0", "t1", "t2", "t3"]
 
@@ -170,26 +171,35 @@ def test_benchmarks_and_single_task_runs_merge_into_seeds(tmp_path: Path):
     out = tmp_path / "out"
     assert main(["report", str(tmp_path), "--out", str(out), "--reps", "50"]) == 0
     names = {p.name for p in out.iterdir()}
-    for slug in ("MT1", "MT10"):
-        assert {f"{slug}_curve_iqm.png", f"{slug}_curve_mean.png", f"{slug}_per_task_final.png"} <= names
+    panel = {"curve_iqm", "curve_mean", "aggregates", "performance_profile", "per_task_final"}
+    assert {f"MT1_{kind}.png" for kind in panel} <= names  # one experiment: nothing to compare it with
+    assert {f"MT10_{kind}.png" for kind in panel | {"probability_of_improvement"}} <= names
     # per seed: task means 0.45 and 0.35 -> 0.400 ± 0.050
-    assert any(line.startswith("| sac_single_task | 2 | 200 | 0.400 ± 0.050 |") for line in report_lines(out))
-    assert "| mean | 1 | 50 | 1.000 ± n/a | 1.000 ± n/a | 1.000 [1.000, 1.000] |" in report_lines(out)
+    assert any(line.startswith("| sac_single_task† | 2 | 200 | 0.400 ± 0.050 |") for line in report_lines(out))
+    # one seed: marked as too few for its interval to mean anything
+    assert "| mean† | 1 | 50 | 1.000 ± n/a | 1.000 ± n/a | 1.000 [1.000, 1.000] |" in report_lines(out)
 
 
 def test_pngs_are_images_and_report_is_reproducible(sweep: Path, tmp_path: Path):
-    outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        assert main(["report", str(sweep), "--out", str(out), "--reps", "100", "--seed", "3"]) == 0
-    assert (outs[0] / "report.md").read_text() == (outs[1] / "report.md").read_text()
+    outs = [tmp_path / "a"]
+    assert main(["report", str(sweep), "--out", str(outs[0]), "--reps", "100", "--seed", "3"]) == 0
+    again = render_markdown(build_report([sweep], reps=100, seed=3), reps=100, seed=3)
+    assert (outs[0] / "report.md").read_text() == again
     pngs = sorted(p.name for p in outs[0].glob("*.png"))
-    assert pngs == ["MT10_curve_iqm.png", "MT10_curve_mean.png", "MT10_per_task_final.png"]
+    assert pngs == [
+        "MT10_aggregates.png",
+        "MT10_curve_iqm.png",
+        "MT10_curve_mean.png",
+        "MT10_per_task_final.png",
+        "MT10_performance_profile.png",
+        "MT10_probability_of_improvement.png",
+    ]
     for name in pngs:
         with Image.open(outs[0] / name) as image:
             image.verify()
         with Image.open(outs[0] / name) as image:
             assert image.format == "PNG"
-            assert image.width >= 600 and image.height >= 300
+            assert image.width >= 600 and image.height >= 200
             pixels = np.asarray(image.convert("L"))
             assert pixels.std() > 10  # drawn on, not a blank canvas
         assert f"]({name})" in (outs[0] / "report.md").read_text()
@@ -331,9 +341,11 @@ def test_out_must_be_a_directory(sweep: Path, tmp_path: Path, capsys):
 
 
 def test_build_report_summaries(sweep: Path):
-    (summaries,) = build_report([sweep], reps=100, seed=0).values()
-    cagrad = summaries[0]
+    (bench,) = build_report([sweep], reps=100, seed=0)
+    cagrad = bench.experiments[0]
     np.testing.assert_allclose(cagrad.final_success, [0.45, 0.6, 0.4])
     np.testing.assert_allclose(cagrad.best_success, [0.9, 0.6, 0.5])
     np.testing.assert_allclose(cagrad.mean_curve.point, [0.0, (0.9 + 0.2 + 0.5) / 3, 5.8 / 12])
-    assert cagrad.iqm_curve.point.shape == (3,) and cagrad.final_iqm.point[0] == pytest.approx(2.8 / 6)
+    assert cagrad.iqm_curve.point.shape == (3,) and cagrad.aggregates.point[1] == pytest.approx(2.8 / 6)
+    # median of the task means 0.9, 0.2, 0.6, 0.233 is 0.417; optimality gap = 1 - mean
+    np.testing.assert_allclose(cagrad.aggregates.point, [(0.6 + 0.7 / 3) / 2, 2.8 / 6, 5.8 / 12, 1 - 5.8 / 12])

@@ -41,9 +41,9 @@ def test_load_reads_the_latest_checkpoint_onto_the_cpu_or_where_asked(run, tmp_p
     assert {t.device.type for t in state.agent.values()} == {"cpu"}
     assert runstate.load_latest(run).source == latest
     # torch's "meta" device (shapes, no data) shows where tensors go without a GPU; the pending train
-    # statistics, read back into numpy, need data
+    # statistics, read back into numpy, need data: a checkpoint taken before the first episode ended has none
     saved = ckpt.load(latest)
-    del saved["train_stats"]
+    saved["train_stats"] = {}
     torch.save(saved, tmp_path / "no_stats.pt")
     on_meta = runstate.load(tmp_path / "no_stats.pt", map_location="meta")
     assert on_meta.source == tmp_path / "no_stats.pt"
@@ -61,12 +61,15 @@ def test_a_restore_hands_back_a_copy_of_the_progress(run):
     assert saved.progress.counters.env_steps == STEPS and saved.progress.train_stats  # a second restore starts alike
 
 
-def test_learning_starts_is_read_back_and_defaults_to_the_warm_up_in_older_checkpoints(run):
+def test_learning_starts_and_the_pending_log_values_are_read_back_and_required(run):
     state = ckpt.load(run)
     state["learning_starts"] = 77
     assert RunState.from_dict(state).progress.learning_starts == 77
-    del state["learning_starts"]
-    assert RunState.from_dict(state).progress.learning_starts == WARMUP
+    for key in ("learning_starts", "train_stats", "update_metrics"):
+        incomplete = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(ckpt.CheckpointError) as err:
+            RunState.from_dict(incomplete, source=Path("old.pt"))
+        assert str(err.value) == f"old.pt is not a complete mtrl checkpoint (KeyError: '{key}')"
 
 
 def test_a_checkpoint_taken_before_any_evaluation_has_no_last_evaluation(run):

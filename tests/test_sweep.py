@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +29,8 @@ import yaml
 from mtrl import checkpoint as ckpt
 from mtrl import sweep
 from mtrl.cli import main
-from mtrl.logger import METRICS_FILE
+from mtrl.config import LogConfig
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import TOY_OVERRIDES, nested_config
 
@@ -48,14 +49,6 @@ def write_spec(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False))
     return path
 
-
-def log_to_capsys(monkeypatch) -> None:
-    """Send `main`'s log records to this test's captured stderr.
-
-    Called in the test body: pytest attaches its own log capture to the package's logger when each
-    test phase starts, and `setup_console` adds its stream handler only to a logger without any.
-    """
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -112,6 +105,21 @@ def test_grid_expands_presets_x_values_x_seeds(tmp_path):
     assert not root.exists()
 
 
+@pytest.mark.skipif(not hasattr(LogConfig(), "wandb"), reason="no W&B tracking keys in this config")
+def test_tracked_trials_are_grouped_by_the_sweep_name(tmp_path):
+    tracked = write_preset(tmp_path / "tracked.yaml", "log.wandb=true")
+    grouped = write_preset(tmp_path / "grouped.yaml", "log.wandb=true", "log.wandb_group=mine")
+    untracked = write_preset(tmp_path / "untracked.yaml")
+    path = write_spec(tmp_path / "spec.yaml", name="mt10 sweep", presets=[str(tracked), str(grouped), str(untracked)])
+    trials = sweep.expand(sweep.load_spec(path))
+    assert [t.config.log.wandb_group for t in trials] == ["mt10 sweep", "mine", None]
+    assert [t.overrides[-1] for t in trials] == [
+        "log.wandb_group=mt10 sweep",
+        "train.torch_threads=1",
+        "train.torch_threads=1",
+    ]
+
+
 def test_relative_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_preset(tmp_path / "toy.yaml")
@@ -150,7 +158,7 @@ BAD_SPECS = [
     ({"seeds": [0, 0]}, "seeds: expected a non-empty list of distinct integers >= 0, found [0, 0]"),
     ({"seeds": [True]}, "seeds: expected a non-empty list of distinct integers >= 0"),
     ({"name": ""}, "name: expected a non-empty string"),
-    ({"command": "eval"}, "command: must be one of train, baseline; found 'eval'"),
+    ({"command": "eval"}, "command: expected one of train, baseline, found 'eval'"),
     ({"presets": []}, "presets: expected a non-empty list of config file paths"),
     ({"grid": {"agent.tau": 0.01}}, "grid.agent.tau: expected a non-empty list of values, found 0.01"),
     ({"grid": {"agent.tau": [0.01, 0.01]}}, "grid.agent.tau: duplicate values"),
@@ -213,7 +221,6 @@ def test_local_ray_flags_do_not_go_with_an_address(tmp_path, capsys):
 
 
 def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, capsys):
-    log_to_capsys(monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     write_preset(tmp_path / "toy.yaml")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")])
@@ -224,7 +231,6 @@ def test_joining_a_cluster_that_is_not_there_is_one_line(tmp_path, monkeypatch, 
 
 
 def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys, monkeypatch):
-    log_to_capsys(monkeypatch)
     # Over before learning starts (warm-up is 40 steps): seconds.
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     grid = {"agent.tau": [0.005, 0.01]}
@@ -273,7 +279,6 @@ def test_existing_runs_are_skipped_extended_resumed_or_refused(tmp_path, capsys,
 
 
 def test_a_baseline_sweep_skips_finished_baseline_runs(tmp_path, capsys, monkeypatch):
-    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=20", "eval.every=20")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)], seeds=[0, 1], command="baseline")
     done, fresh = sweep.expand(sweep.load_spec(path))
@@ -313,6 +318,53 @@ def test_metrics_tail_reads_appends_and_follows_a_rewrite(tmp_path):
     tmp.replace(path)
     tail.update()
     assert (tail.step, tail.final_success, tail.best_success) == (40, 0.1, 0.1)
+
+
+def test_a_second_driver_on_the_same_root_refuses_until_the_first_is_gone(tmp_path, capsys, monkeypatch):
+    """ROOT/sweep.lock names the driver's pid: a live one refuses a second driver, a gone one is taken over."""
+    preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=40", "eval.every=40")
+    path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)])
+    (trial,) = sweep.expand(sweep.load_spec(path))
+    assert Trainer(trial.config, trial.run_dir).train() == 0  # finished: a sweep that runs needs no Ray
+    lock = tmp_path / "sweep" / sweep.LOCK_FILE
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{holder.pid} {socket.gethostname()}\n")
+        before = _tree(tmp_path)
+        capsys.readouterr()
+        assert main(["sweep", str(path)]) == 2
+        assert capsys.readouterr().err == (
+            f"mtrl: error: {tmp_path / 'sweep'} is in use by another `mtrl sweep` (pid {holder.pid}); wait for it "
+            "to end or stop it\n"
+        )
+        assert _tree(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["sweep", str(path)]) == 0  # its driver is gone: the lock is taken over
+    assert "1 finished already" in capsys.readouterr().err
+    assert not lock.exists() and (tmp_path / "sweep" / "summary.md").is_file()
+
+
+def test_the_summary_keeps_every_attempt_of_every_run(tmp_path, capsys, monkeypatch):
+    """A re-run that skips every trial rewrites summary.md with the attempts of the runs before it."""
+    preset = write_preset(tmp_path / "toy.yaml", "train.total_steps=40", "checkpoint.every=40", "eval.every=40")
+    path = write_spec(tmp_path / "spec.yaml", presets=[str(preset)])
+    (trial,) = sweep.expand(sweep.load_spec(path))
+    # The Ray task's body, run here: one attempt of a run of the sweep called `earlier`.
+    result = sweep.run_attempt(sweep.TrialJob.of(trial, "earlier", num_gpus=0))
+    assert (result.status, result.attempt) == ("finished", 1)
+    host = socket.gethostname()
+    line = re.compile(rf"  - earlier attempt 1: start on {re.escape(host)}; exited at step 40 after \d+\.\ds\n")
+    for _ in range(2):
+        assert main(["sweep", str(path)]) == 0
+        md = (tmp_path / "sweep" / "summary.md").read_text()
+        assert f"| {trial.name} | skipped | 0 | 40/40 |" in md
+        assert line.search(md.split("## Attempts")[1]), md
+        (row,) = json.loads((tmp_path / "sweep" / "summary.json").read_text())["trials"]
+        assert [(a["sweep"], a["attempt"], a["how"], a["code"], a["step"]) for a in row["history"]] == [
+            ("earlier", 1, "start", 0, 40)
+        ]
 
 
 # ----- on Ray ---------------------------------------------------------------------------------
@@ -379,7 +431,6 @@ TRAIN_STEPS, EVAL_STEPS = list(range(20, TOTAL + 1, 20)), [60, 120]
 
 @pytest.mark.slow  # a minute of local Ray on a quiet 2-core machine: .ci/run runs it after the default suite
 def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, monkeypatch, reaped):
-    log_to_capsys(monkeypatch)
     preset = write_preset(tmp_path / "toy.yaml", f"train.total_steps={TOTAL}", "checkpoint.every=40", "eval.every=60")
     spec_path = write_spec(
         tmp_path / "spec.yaml",
@@ -419,6 +470,8 @@ def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, monkeypatch, r
     assert f"[{once.name}] resumed from step {resumed_at} (attempt 2, pid " in err
     assert re.search(rf"\[{re.escape(once.name)}\] finished: {TOTAL} steps, eval success \d\.\d{{3}}", err)
     assert re.search(rf"\] step \d+/{TOTAL}, ", err), "no periodic status line"
+    assert f"[{once.name}] waiting (retry 1), will resume from step {resumed_at}" in err
+    assert "\x1b[" not in out + err  # Ray prints no coloured traceback of the retried attempt
     # Killed on both attempts: failed, with its progress kept for the next run.
     failed_at = killers[1].kills[1][1]
     assert _events(twice.run_dir) == [("start", 0), ("exit", -9), ("resume", killers[1].kills[0][1]), ("exit", -9)]
@@ -464,6 +517,11 @@ def test_sweep_on_ray_retries_resumes_and_skips(tmp_path, capsys, monkeypatch, r
     assert {k: v for k, v in _tree(root).items() if not k.startswith("summary.")} == {
         k: v for k, v in everything.items() if not k.startswith("summary.")
     }
+    # The summary of a run that skipped everything still tells how each trial got there.
+    history = (root / "summary.md").read_text().split("## Attempts")[1]
+    host = re.escape(socket.gethostname())
+    assert re.search(rf"attempt 1: start on {host}; was killed by SIGKILL at step {resumed_at} after ", history)
+    assert re.search(rf"attempt 2: resume from step {resumed_at} on {host}; exited at step {TOTAL} after ", history)
 
 
 @pytest.mark.slow
@@ -490,6 +548,7 @@ def test_ctrl_c_checkpoints_the_running_trials_and_a_rerun_resumes_them(tmp_path
     started = psutil.Process(driver.pid).children(recursive=True)
     os.killpg(driver.pid, signal.SIGINT)
     assert driver.wait(120) == 130, (tmp_path / "driver.err").read_text()
+    assert "Token authentication" not in (tmp_path / "driver.err").read_text()  # the local Ray asks for it
     # Each running trial's training process got SIGTERM from its task and saved a checkpoint on the way out.
     log = (trial.run_dir / sweep.TRAIN_LOG).read_text()
     stopped = int(re.search(r"SIGTERM at step (\d+): checkpoint saved", log).group(1))
@@ -508,7 +567,6 @@ def test_ctrl_c_checkpoints_the_running_trials_and_a_rerun_resumes_them(tmp_path
 
 @pytest.mark.slow
 def test_a_trial_larger_than_the_local_ray_fails_at_the_start(tmp_path, capsys, reaped, monkeypatch):
-    log_to_capsys(monkeypatch)
     write_preset(tmp_path / "toy.yaml")
     path = write_spec(tmp_path / "spec.yaml", presets=[str(tmp_path / "toy.yaml")], resources={"num_gpus": 1})
     assert main(["sweep", str(path), "--num-cpus", "1", "--num-gpus", "0"]) == 2

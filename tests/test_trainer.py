@@ -2,7 +2,6 @@
 
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from mtrl import load_policy
 from mtrl.callbacks import Callback
 from mtrl.cli import main
 from mtrl.evaluation import EvalResult
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
 
@@ -51,7 +50,7 @@ def test_resume_continues_step_count_and_metrics_exactly(tmp_path, default_run):
     split = tmp_path / "split"
     _train(split, "checkpoint.save_buffer=true", "train.total_steps=100")
     assert ckpt.latest_checkpoint(split).name == "step_0000000100.pt"
-    resumed = Trainer(toy_config(split, "checkpoint.save_buffer=true"), split, resume=True)
+    resumed = Trainer.resume(split, ["train.total_steps=200"])
     assert resumed.counters.env_steps == 100
     assert resumed.train() == 0
     assert resumed.counters.env_steps == 200
@@ -68,7 +67,7 @@ def test_resume_restores_a_stateful_combiner_exactly(tmp_path):
     _train(split, *overrides, "train.total_steps=40")
     at_split = ckpt.load(split)
     assert at_split["counters"]["env_steps"] == 40 and at_split["combiner"]  # the warm start is saved
-    resumed = Trainer(toy_config(split, *overrides), split, resume=True)
+    resumed = Trainer.resume(split, overrides)
     # Its solves converge from a cold start too, so the metrics alone would not show a lost warm start.
     restored = resumed.combiner.state_dict()
     assert restored.keys() == at_split["combiner"].keys()
@@ -97,33 +96,32 @@ def test_resume_is_exact_when_train_logs_fall_inside_episodes(tmp_path):
     assert "train/episode_return" in at_105 and "combiner/critic/cos_mean" in at_105
     split = tmp_path / "split"
     _train(split, *overrides, "train.total_steps=100")
-    assert Trainer(toy_config(split, *overrides), split, resume=True).train() == 0
+    assert Trainer.resume(split, ["train.total_steps=200"]).train() == 0
     assert _metrics(split) == straight
 
 
-def test_a_checkpoint_without_the_pending_log_values_still_resumes(tmp_path):
-    """Checkpoints written before they held `learning_starts`, `train_stats` and `update_metrics`."""
+def test_a_checkpoint_without_the_pending_log_values_is_refused_in_one_line(tmp_path):
+    """`learning_starts`, `train_stats` and `update_metrics` are part of the format: a file without them is
+    not a checkpoint of this version, and nothing is guessed for them."""
     run = tmp_path / "run"
     _train(run, "train.total_steps=60")
     path = ckpt.latest_checkpoint(run)
     state = torch.load(path, weights_only=True)
-    for key in ("learning_starts", "train_stats", "update_metrics"):
-        del state[key]
+    del state["learning_starts"]
     torch.save(state, path)
-    resumed = Trainer(toy_config(run, "train.total_steps=80"), run, resume=True)
-    assert (resumed.progress.train_stats, resumed.progress.update_metrics) == ({}, {})
-    assert resumed.progress.learning_starts == 60 + 40  # no buffer in the checkpoint: warm up again
-    assert resumed.train() == 0 and resumed.counters.env_steps == 80
+    with pytest.raises(ckpt.CheckpointError) as err:
+        Trainer.resume(run, ["train.total_steps=80"])
+    assert str(err.value) == f"{path} is not a complete mtrl checkpoint (KeyError: 'learning_starts')"
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adatask"])
-def test_a_checkpoint_with_the_flat_optimizer_states_of_earlier_versions_resumes_exactly(optimizer, tmp_path):
-    """Earlier versions stored `{critic, actor, alpha}` (Adam) and `{critic_shared, ...}` (AdaTask) flat."""
-    overrides = (f"optimizer.name={optimizer}", "agent.variant=multihead", "checkpoint.save_buffer=true")
-    new, old = tmp_path / "new", tmp_path / "old"
-    _train(new, *overrides, "train.total_steps=60")
-    shutil.copytree(new, old)
-    path = ckpt.latest_checkpoint(old)
+def test_optimizer_states_not_grouped_by_network_are_refused_in_one_line(optimizer, tmp_path):
+    """Optimizer states are saved per network (`{critic: {adam: ...}, ...}`); one flat dict of torch
+    optimizer states is not this format."""
+    overrides = (f"optimizer.name={optimizer}", "agent.architecture=multihead", "checkpoint.save_buffer=true")
+    run = tmp_path / "run"
+    _train(run, *overrides, "train.total_steps=60")
+    path = ckpt.latest_checkpoint(run)
     state = torch.load(path, weights_only=True)
     flat = {}
     for net, parts in state["optimizers"].items():
@@ -133,9 +131,9 @@ def test_a_checkpoint_with_the_flat_optimizer_states_of_earlier_versions_resumes
             flat[net] = parts["adam"]
     state["optimizers"] = flat
     torch.save(state, path)
-    for run in (new, old):
-        assert Trainer(toy_config(run, *overrides, "train.total_steps=80"), run, resume=True).train() == 0
-    assert _metrics(old) == _metrics(new)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        Trainer.resume(run, ["train.total_steps=80"])
+    assert str(err.value).startswith(f"{path} does not match this config: ") and "\n" not in str(err.value)
 
 
 def test_callbacks_see_each_phase_begin_and_end_around_its_result(tmp_path):
@@ -171,14 +169,15 @@ def test_callbacks_see_each_phase_begin_and_end_around_its_result(tmp_path):
     # warm-up until step 40, then one update per step
     assert first.events == eval_and_checkpoint(30) + update * 21 + eval_and_checkpoint(60)
     second = Record()
-    resumed = Trainer(toy_config(run, *overrides, "train.total_steps=61"), run, resume=True, callbacks=[second])
+    resumed = Trainer.resume(run, [*overrides, "train.total_steps=61"], callbacks=[second])
     assert second.events == [("restore", True), ("restore", False)]
     assert resumed.train() == 0
     assert second.events[2:] == update + eval_and_checkpoint(61)
-    # the command line reads the checkpoint (its config comes first), then builds and loads the parts
+    # the command line resumes in one phase: it reads the checkpoint, merges the config, builds and loads the parts
     third = Record()
     assert main(["train", "--resume", str(run), "train.total_steps=62"], callbacks=[third]) == 0
-    assert third.events[:4] == [("restore", True), ("restore", False)] * 2
+    assert third.events[:2] == [("restore", True), ("restore", False)]
+    assert ("restore", True) not in third.events[2:]
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
@@ -186,7 +185,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     _train(run, "train.total_steps=160", "checkpoint.every=100")
     # the run logged up to step 160, but its newest checkpoint before the end is step 100:
     (run / "checkpoints" / "step_0000000160.pt").unlink()
-    trainer = Trainer(toy_config(run, "train.total_steps=160"), run, resume=True)
+    trainer = Trainer.resume(run, ["train.total_steps=160"])
     steps = [r["step"] for r in _metrics(run)]
     assert max(steps) == 100
     trainer.train()
@@ -195,7 +194,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
-    trainer = _train(tmp_path / "run", "agent.variant=multihead")
+    trainer = _train(tmp_path / "run", "agent.architecture=multihead")
     obs = np.random.default_rng(0).normal(size=(3, trainer.obs_dim)).astype(np.float32)
     expected = trainer.policy().eval_action(obs)
     for path in (ckpt.latest_checkpoint(tmp_path / "run"), tmp_path / "run"):
@@ -278,7 +277,7 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_one_even_after_a_resume(tmp_
         assert all(torch.equal(best["agent"][k], v) for k, v in weights[expected_best[0]].items())
     assert expected_best == (50, 0.6)
 
-    resumed = Trainer(toy_config(run), run, resume=True)
+    resumed = Trainer.resume(run)
     assert resumed.counters.best_success == 0.6
     resumed.counters.env_steps = 80
     resumed.progress.last_eval = EvalResult(0.5, 0.0, {})
@@ -335,7 +334,7 @@ def test_toy_agent_learns(tmp_path):
 def test_resume_without_a_saved_buffer_refills_it_before_learning(tmp_path):
     run = tmp_path / "run"
     _train(run, "train.total_steps=100")  # warm-up 40: updates at steps 40..100
-    resumed = Trainer(toy_config(run, "train.total_steps=160"), run, resume=True)
+    resumed = Trainer.resume(run, ["train.total_steps=160"])
     assert resumed.counters.updates == 61 and resumed.buffer.size == 0
     resumed.train()
     # 40 more steps of collection after the resume at step 100, then updates at steps 140..160
@@ -370,5 +369,5 @@ def test_a_resume_restores_the_last_evaluation(tmp_path):
     run = tmp_path / "run"
     trained = _train(run, "train.total_steps=100")
     assert trained.progress.last_eval is not None
-    resumed = Trainer(toy_config(run), run, resume=True)
+    resumed = Trainer.resume(run)
     assert resumed.progress.last_eval == trained.progress.last_eval

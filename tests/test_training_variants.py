@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mtrl import checkpoint as ckpt
-from mtrl.logger import METRICS_FILE
+from mtrl.rundir import METRICS_FILE
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
 

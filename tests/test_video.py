@@ -4,23 +4,24 @@ agreement with the evaluation, and bad input."""
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import pytest
 
 from mtrl.cli import main
-from mtrl.config import EnvConfig
+from mtrl.config import ConfigError, EnvConfig
 from mtrl.envs import make_backend
 from mtrl.evaluation import evaluate
 from mtrl.trainer import Trainer
 from mtrl.video import RenderError, camera_names, default_camera, record_videos
-from tests.conftest import toy_config
+from tests.conftest import TOY_OVERRIDES, toy_config
 
 TOY = EnvConfig(benchmark="toy", toy_tasks=3, max_episode_steps=20, num_goals=5)
 
@@ -98,6 +99,53 @@ def test_a_failure_leaves_the_output_directory_untouched(tmp_path):
     assert not (tmp_path / "videos").exists()
 
 
+class RenderCounter(gym.Wrapper):
+    """Counts the frames a sub-env renders."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.renders = 0
+
+    def render(self):
+        self.renders += 1
+        return self.env.render()
+
+
+def _counted_backend(seed: int):
+    backend = make_backend(TOY, seed, evaluation=True, vector_strategy="sync", render={"width": 40, "height": 24})
+    envs = backend.vector_env.envs
+    envs[:] = [RenderCounter(env) for env in envs]
+    return backend, envs
+
+
+def test_a_lower_frame_rate_keeps_every_kth_frame_and_renders_only_those(tmp_path, capsys):
+    episodes, seed = 2, 5
+    backend, counted = _counted_backend(seed)
+    every = record_videos(ScriptedToyAgent(), backend, tmp_path / "every", episodes)  # the toy env's 20 per second
+    backend.close()
+    backend, counted = _counted_backend(seed)
+    capsys.readouterr()
+    half = record_videos(ScriptedToyAgent(), backend, tmp_path / "half", episodes, fps=10, progress=True)
+    bars = capsys.readouterr().err
+    backend.close()
+    for (task, full), env in zip(every.items(), counted, strict=True):
+        kept = half[task]
+        assert (kept.lengths, kept.successes) == (full.lengths, full.successes)  # the same episodes
+        # per episode: the frame after the reset, every 2nd step's, and the last step's
+        indices, start = [], 0
+        for length in full.lengths:
+            indices += [start + t for t in range(length + 1) if t % 2 == 0 or t == length]
+            start += length + 1
+        frames = _frames(kept.path)
+        assert kept.frames == len(frames) == len(indices) == env.renders
+        assert kept.frames < full.frames
+        reference = _frames(full.path)[indices].astype(int)
+        assert np.abs(frames.astype(int) - reference).mean() < 2  # the same pictures, up to H.264's losses
+        assert kept.fps == 10 and imageio.get_reader(kept.path).get_meta_data()["fps"] == 10
+        assert task in bars
+    assert "frame/s" in bars
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("video") / "run"
@@ -150,6 +198,11 @@ BAD = {
         ["--video", "v", "--camera", "corner"],
         "unknown camera 'corner'; this benchmark's cameras: topview",
     ),
+    "zero fps": (["--video", "v", "--fps", "0"], "--fps must be > 0, found 0"),
+    "fps above the env's": (
+        ["--video", "v", "--fps", "40"],
+        "--fps must be in (0, 20], the env's own frame rate; found 40",
+    ),
     "--episodes with --video": (
         ["--video", "v", "--episodes", "3"],
         "--episodes sets the evaluation's episodes; with --video, use --video-episodes",
@@ -161,7 +214,6 @@ BAD = {
 def test_bad_video_options_give_one_line_and_write_nothing(case, toy_run, tmp_path, monkeypatch, capsys):
     flags, message = BAD[case]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(logging.getLogger("mtrl"), "handlers", [])
     (tmp_path / "afile").write_text("keep")
     capsys.readouterr()
     assert _main(["eval", str(toy_run), *flags]) == 2
@@ -247,3 +299,57 @@ def test_metaworld_video_of_reach(tmp_path, monkeypatch):
     assert frames.shape == (10 + 1, 32, 32, 3)
     assert frames.std() > 10  # a picture, not a blank frame
     assert np.abs(np.diff(frames.astype(int), axis=0)).max() > 30  # the arm moves
+
+
+# --- videos during training (eval.video_every) ---
+
+
+def test_training_films_every_nth_evaluation_and_the_last(tmp_path, capsys):
+    run = tmp_path / "run"
+    videos = ["eval.every=20", "eval.video_every=2", "eval.video_width=40", "eval.video_height=24"]
+    assert Trainer(toy_config(run, "train.total_steps=60", *videos), run).train() == 0
+    # evaluations at steps 20, 40 and 60: the 2nd (step 40) and the last (step 60) are filmed
+    steps = sorted(p.name for p in (run / "videos").iterdir())
+    assert steps == ["step_0000000040", "step_0000000060"]
+    assert "step 60: videos of the evaluation episodes in" in capsys.readouterr().out
+    # the last ones are `mtrl eval --video` of the final policy: the same evaluation episodes
+    out = tmp_path / "eval-videos"
+    argv = ["eval", str(run), "--video", str(out), "--width", "40", "--height", "24", "--json"]
+    assert main(argv) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    for task in ("toy-0", "toy-1", "toy-2"):
+        during = _frames(run / "videos" / "step_0000000060" / f"{task}.mp4")
+        after = _frames(out / f"{task}.mp4")
+        assert len(during) == recorded["per_task"][task]["frames"]
+        assert np.abs(during.astype(int) - after.astype(int)).mean() < 1
+
+
+BAD_TRAINING_VIDEOS = {
+    "eval.video_every=-1": "eval.video_every must be >= 0, found -1",
+    "eval.video_episodes=0": "eval.video_episodes must be >= 1, found 0",
+    "eval.video_fps=0": "eval.video_fps must be > 0, found 0.0",
+    "eval.video_width=25": "eval.video_width must be a positive even number (H.264), found 25",
+}
+
+
+@pytest.mark.parametrize("override", BAD_TRAINING_VIDEOS)
+def test_bad_training_video_settings_are_refused_at_config_time(override, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(BAD_TRAINING_VIDEOS[override])):
+        toy_config(tmp_path / "run", "eval.video_every=1", override)
+
+
+def test_an_unknown_camera_or_too_high_a_frame_rate_stops_the_run_before_it_starts(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("seed: 0\n")
+    argv = ["train", "--config", str(preset), *TOY_OVERRIDES, f"run.dir={run}", "eval.video_every=1"]
+    capsys.readouterr()
+    assert _main([*argv, "eval.video_camera=corner"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mtrl: error: eval.video_camera: unknown camera 'corner'; this benchmark's cameras: topview"
+    ]
+    assert _main([*argv, "eval.video_fps=40"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mtrl: error: eval.video_fps must be in (0, 20], the env's own frame rate; found 40"
+    ]
+    assert not run.exists()

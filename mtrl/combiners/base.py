@@ -4,6 +4,13 @@ A combiner is pure maths: the K×n matrix G of per-task gradients (row i = ∇L_
 vector d of length n out. Every method except `mean` reduces to task weights w computed from the
 K×K Gramian A = G Gᵀ, followed by d = Gᵀw (see docs/combiners.md#notation).
 
+Loss-weighting methods (FAMO, GradNorm) fit the same interface: their weights come from the
+per-task losses (`TaskLosses`) rather than, or besides, the Gramian. A method that needs no Jacobian
+(`needs_jacobian = False`) gives its weights before the backward (`loss_weights`), and the update
+then backpropagates Σ_i w_i L_i once. A method that learns from the step it caused reads the losses
+after it (`after_step`), where it also commits its state, and only once the update is known to be
+taken: a skipped update leaves that state exactly as it was.
+
 Each combiner declares its hyper-parameters as a frozen dataclass (`HyperParameters`), which the
 run configuration reads for the keys, types, defaults and help of its `combiner` section
 (docs/config.md#combiner-keys).
@@ -16,7 +23,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +48,20 @@ class HyperParameters:
         object.__setattr__(self, name, value)
 
 
+@dataclass(frozen=True)
+class TaskLosses:
+    """One network's per-task losses in an update, for the combiners that weigh losses.
+
+    `network` names whose losses they are ("critic", "actor", "alpha"): a method that learns its
+    weights keeps them per network. `shared_layout` lists the shared parameters as (name, numel) in
+    the order of G's columns, so a method can find a layer's columns (GradNorm's last shared layer).
+    """
+
+    network: str
+    values: Tensor  # [K], detached, at the parameters before the step
+    shared_layout: tuple[tuple[str, int], ...] = field(default=())
+
+
 class Combiner(ABC):
     """Maps per-task gradients G ([K, n]) to one update direction d ([n]) with d = Gᵀw.
 
@@ -50,7 +71,15 @@ class Combiner(ABC):
     """
 
     needs_jacobian: ClassVar[bool] = True
-    """False when the update is the plain mean, so one backward pass of mean_i L_i suffices."""
+    """False when the weights come from the losses alone (`loss_weights`), so one backward of
+    Σ_i w_i L_i suffices (the plain mean: w = 1/K)."""
+
+    needs_losses_after: ClassVar[bool] = False
+    """True when `after_step` needs the losses at the parameters after the step (same batch, noise
+    and targets), which costs the update one more forward pass of that network."""
+
+    supports_compile: ClassVar[bool] = True
+    """False when the combiner cannot run inside the compiled update (`train.compile`)."""
 
     Parameters: ClassVar[type[HyperParameters]] = HyperParameters
     """The dataclass of this combiner's hyper-parameters."""
@@ -63,9 +92,16 @@ class Combiner(ABC):
         self.parameters = parameters
         self.last_weights: Tensor | None = None
 
-    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        matrix: Tensor,
+        generator: torch.Generator | None = None,
+        draws: Tensor | None = None,
+        losses: TaskLosses | None = None,
+    ) -> Tensor:
         """d for G = `matrix`. A combiner that draws random numbers takes them from `draws` (made by
-        `draw`) or, without them, draws them now from `generator`."""
+        `draw`) or, without them, draws them now from `generator`. `losses`: the rows' losses, which
+        a loss-weighting method needs (the others ignore them)."""
         check_matrix(matrix)
         products = gramian(matrix)
         if draws is None:
@@ -87,6 +123,24 @@ class Combiner(ABC):
         reads no generator (a compiled update cannot).
         """
         return None
+
+    def loss_weights(self, losses: TaskLosses) -> Tensor | None:
+        """Weights w ([K], detached) of a combiner that needs no Jacobian: the update backpropagates
+        Σ_i w_i L_i once. None (the default): the plain mean, w = 1/K."""
+        return None
+
+    def after_step(self, losses: TaskLosses, after: Tensor | None, taken: Tensor | None) -> None:  # noqa: B027 - an optional hook
+        """The update of `losses.network` has ended: commit whatever state this update changes.
+
+        `after` holds the losses on the same batch at the parameters after the step when
+        `needs_losses_after`, else None. `taken` is None when the step was taken (the eager update
+        calls this only then); with the steps decided on the device it is a 0-d bool tensor, and the
+        state may change only where it holds. Stateless combiners do nothing.
+        """
+
+    @classmethod  # noqa: B027 - an optional check
+    def check_networks(cls, networks: Sequence[str]) -> None:
+        """A ValueError if the combiner cannot weigh the losses of these networks (`combiner.networks`)."""
 
     def select_tasks(self, num_tasks: int, generator: torch.Generator) -> Tensor:
         """Indices of the tasks whose gradients this update needs (drawn before any gradient is computed)."""

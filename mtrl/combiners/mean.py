@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrl.combiners.base import Combiner, check_matrix
+from mtrl.combiners.base import Combiner, TaskLosses, check_matrix
 
 
 class Mean(Combiner):
@@ -13,7 +13,13 @@ class Mean(Combiner):
 
     needs_jacobian = False
 
-    def __call__(self, matrix: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        matrix: Tensor,
+        generator: torch.Generator | None = None,
+        draws: Tensor | None = None,
+        losses: TaskLosses | None = None,
+    ) -> Tensor:
         check_matrix(matrix)
         self.last_weights = matrix.new_full((matrix.shape[0],), 1.0 / matrix.shape[0])
         return matrix.mean(0)
