@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtrl.bench import bench_networks
 from mtrl.buffer import Batch
 from mtrl.combiners import COMBINERS, make_combiner
+from mtrl.compiled import CompiledUpdate
 from mtrl.config import load_config
 from mtrl.jacobian import task_jacobian
 from mtrl.networks import Actor, NetworkShape, TwinCritic, architecture_class, task_parameter_names
@@ -134,12 +136,14 @@ def check_jacobian_hands_each_task_its_own_gradient(architecture: str) -> None:
 
 
 # ----- every combiner: finite updates, exact resume --------------------------------------------
-def _update(architecture: str, method: str, device_steps: bool = False) -> SACUpdate:
+def _update(architecture: str, method: str, device_steps: bool = False) -> SACUpdate | CompiledUpdate:
     model = agent(architecture)
     optimizer = "adatask" if method == "adatask" else "adam"
     optimization = Optimization(model.params, optimizer, model.learning_rates, K, grad_clip_norm=1.0)
     combiner = make_combiner("mean" if method == "adatask" else method)
-    return SACUpdate(model, optimization, combiner, ("critic", "actor"), device_steps=device_steps)
+    # critic and actor, or the critic alone for a combiner that weighs only the critic's losses
+    update = SACUpdate(model, optimization, combiner, bench_networks(combiner))
+    return CompiledUpdate(update, "none") if device_steps else update
 
 
 def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
