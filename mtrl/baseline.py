@@ -595,7 +595,7 @@ def add_parser(subparsers: Any) -> None:
         "budget per task and goal sets, evaluated with mtrl's evaluator. Writes config.yaml (with "
         f"method: {METHOD}), metrics.jsonl, tb/ and baseline/ (one SB3 model per task, state.json) into run.dir.",
         epilog="Overrides are the config keys of `mtrl train --help`. The combiner, optimizer.name, "
-        "agent.variant, agent.shared_temperature and train.buffer_device have no meaning for single-task SAC "
+        "agent.architecture, agent.shared_temperature and train.buffer_device have no meaning for single-task SAC "
         "and are ignored. `--resume RUN_DIR` continues from the last completed chunk (multiples of eval.every "
         "and checkpoint.every); on a finished run it does nothing.",
     )

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="comma-separated torch.compile modes of the whole update: none, default, reduce-overhead (default none)",
     )
+    upd.add_argument(
+        "--architectures",
+        default="conditioned",
+        help="comma-separated agent.architecture names, or 'all'; with any but conditioned, multihead is measured "
+        "first and every update is also compared with multihead's mean update (default conditioned)",
+    )
     upd.add_argument("--json", action="store_true", help="print a JSON list of records")
     from mtrl import bench_env, bench_train
 

@@ -5,7 +5,8 @@ ill-typed values are rejected by OmegaConf's structured configs; range checks li
 `validate` so that every impossible value fails before anything is written.
 
 The `combiner` section holds the common keys of `CombinerConfig` plus the hyper-parameters of the
-chosen combiner only, typed as that combiner declares them (`combiner_section`). A preset may
+chosen combiner only, typed as that combiner declares them (`combiner_section`); the `agent`
+section likewise holds the chosen architecture's own keys (`agent_section`). A preset may
 build on others through a `defaults:` list (`preset_layers`); docs/config.md describes both.
 """
 
@@ -48,7 +49,7 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    variant: str = _f("conditioned", "conditioned (shared nets, one-hot input) | multihead (one head per task)")
+    architecture: str = _f("conditioned", "network of actor and critics (docs/architectures.md)")
     hidden_sizes: list[int] = _f([400, 400, 400], "hidden layer widths of actor and critics")
     actor_lr: float = _f(3e-4, "Adam learning rate of the actor")
     critic_lr: float = _f(3e-4, "Adam learning rate of the critics")
@@ -60,6 +61,13 @@ class AgentConfig:
     shared_temperature: bool = _f(False, "one temperature for all tasks (the authors' harness) instead of one per task")
     log_std_min: float = _f(-20.0, "lower clamp of the policy log-std")
     log_std_max: float = _f(2.0, "upper clamp of the policy log-std")
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The architecture's own keys and values: the one place its build arguments come from."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _COMMON_AGENT_KEYS}
+
+
+_COMMON_AGENT_KEYS = frozenset(f.name for f in dataclasses.fields(AgentConfig))
 
 
 @dataclass
@@ -78,27 +86,29 @@ class CombinerConfig:
 _COMMON_COMBINER_KEYS = frozenset(f.name for f in dataclasses.fields(CombinerConfig))
 
 
-@functools.cache
-def combiner_section(name: str) -> type[CombinerConfig]:
-    """The `combiner` section of combiner `name`: CombinerConfig plus the hyper-parameters the combiner
-    declares (`mtrl.combiners`), with their types, defaults and help. A ValueError for an unknown name."""
-    from mtrl.combiners import combiner_class
-
-    parameters = combiner_class(name).Parameters
+def _extended(base: type, parameters: type, class_name: str, reduce: Any) -> type:
+    """`base` plus the fields of the dataclass `parameters`, with their types, defaults and help."""
     own = dataclasses.fields(parameters)
     if not own:
-        return CombinerConfig
+        return base
     types = typing.get_type_hints(parameters)
     fields = [
         (f.name, types[f.name], field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
         for f in own
     ]
     return dataclasses.make_dataclass(
-        f"{combiner_class(name).__name__}Config",
-        fields,
-        bases=(CombinerConfig,),
-        namespace={"__module__": __name__, "__reduce__": _reduce_section},
+        class_name, fields, bases=(base,), namespace={"__module__": __name__, "__reduce__": reduce}
     )
+
+
+@functools.cache
+def combiner_section(name: str) -> type[CombinerConfig]:
+    """The `combiner` section of combiner `name`: CombinerConfig plus the hyper-parameters the combiner
+    declares (`mtrl.combiners`), with their types, defaults and help. A ValueError for an unknown name."""
+    from mtrl.combiners import combiner_class
+
+    cls = combiner_class(name)
+    return _extended(CombinerConfig, cls.Parameters, f"{cls.__name__}Config", _reduce_section)
 
 
 def _reduce_section(section: CombinerConfig) -> tuple[Any, ...]:
@@ -108,6 +118,24 @@ def _reduce_section(section: CombinerConfig) -> tuple[Any, ...]:
 
 def _rebuild_section(values: dict[str, Any]) -> CombinerConfig:
     return combiner_section(values["name"])(**values)
+
+
+@functools.cache
+def agent_section(architecture: str) -> type[AgentConfig]:
+    """The `agent` section of architecture `architecture`: AgentConfig plus the hyper-parameters the
+    architecture declares (`mtrl.networks`). A ValueError for an unknown name."""
+    from mtrl.networks import architecture_class
+
+    cls = architecture_class(architecture)
+    return _extended(AgentConfig, cls.Parameters, f"{cls.__name__}AgentConfig", _reduce_agent_section)
+
+
+def _reduce_agent_section(section: AgentConfig) -> tuple[Any, ...]:
+    return _rebuild_agent_section, (dataclasses.asdict(section),)
+
+
+def _rebuild_agent_section(values: dict[str, Any]) -> AgentConfig:
+    return agent_section(values["architecture"])(**values)
 
 
 @dataclass
@@ -281,6 +309,38 @@ def _typed_combiner(combiner: dict[str, Any]) -> type[CombinerConfig]:
     return section
 
 
+def _typed_agent(agent: dict[str, Any]) -> type[AgentConfig]:
+    """The section class of the architecture `agent` names, once its own keys are checked (nulls dropped,
+    as for the combiner)."""
+    from mtrl.networks import check_architecture_parameter_names
+
+    if "variant" in agent:
+        raise ConfigError(
+            f"agent.variant was replaced by agent.architecture (agent.architecture={agent['variant']} "
+            "does what agent.variant did)"
+        )
+    name = agent["architecture"]
+    for key in [k for k, v in agent.items() if v is None and k not in _COMMON_AGENT_KEYS]:
+        del agent[key]
+    try:
+        section = agent_section(name)
+        check_architecture_parameter_names(name, [k for k in agent if k not in _COMMON_AGENT_KEYS])
+    except ValueError as err:
+        raise ConfigError(f"agent: {err}") from None
+    return section
+
+
+def _saved_before_architectures(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (checkpoint, config.yaml) from before `agent.architecture` names its network by
+    `agent.variant` (conditioned | multihead): the same network under the new key."""
+    agent = saved.get("agent")
+    if not isinstance(agent, dict) or "variant" not in agent:
+        return saved
+    agent = dict(agent)
+    agent.setdefault("architecture", agent.pop("variant"))
+    return {**saved, "agent": agent}
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -288,7 +348,7 @@ def load_config(
 ) -> Config:
     """Defaults < `base` (a saved config) < YAML preset (after its bases) < dotted overrides, then validated."""
     schema = OmegaConf.structured(Config)
-    sources: list[dict[str, Any]] = [] if base is None else [base]
+    sources: list[dict[str, Any]] = [] if base is None else [_saved_before_architectures(base)]
     if path is not None:
         sources += preset_layers(Path(path))
     for item in overrides:
@@ -298,12 +358,14 @@ def load_config(
         layers = [*map(OmegaConf.create, sources), OmegaConf.from_dotlist(list(overrides))]
         for layer in layers:
             _check_sections(schema, layer)
-        # First every key but the combiner's own (which stay untyped), to learn which combiner it is;
-        # then everything again, on the schema of that combiner's section.
+        # First every key but the combiner's and the architecture's own (which stay untyped), to learn
+        # which combiner and architecture it is; then everything again, on the schema of their sections.
         OmegaConf.set_struct(schema.combiner, False)
+        OmegaConf.set_struct(schema.agent, False)
         merged = typing.cast(dict[str, Any], OmegaConf.to_container(OmegaConf.merge(schema, *layers), resolve=True))
         section = _typed_combiner(merged["combiner"])
-        typed = OmegaConf.merge(OmegaConf.structured(Config(combiner=section())), merged)
+        agent = _typed_agent(merged["agent"])
+        typed = OmegaConf.merge(OmegaConf.structured(Config(agent=agent(), combiner=section())), merged)
         cfg: Config = OmegaConf.to_object(typed)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {_one_line(err)}") from None
@@ -337,6 +399,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
     from mtrl.combiners import check_hyper_parameters, combiner_class  # local: keeps config import light
+    from mtrl.networks import check_architecture
 
     _check(cfg.seed >= 0, f"seed must be >= 0, found {cfg.seed}")
     _check(
@@ -365,11 +428,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
 
     agent = cfg.agent
-    _choice("agent.variant", agent.variant, ("conditioned", "multihead"))
     _check(
         len(agent.hidden_sizes) >= 1 and all(h > 0 for h in agent.hidden_sizes),
         f"agent.hidden_sizes must be a non-empty list of positive widths, found {agent.hidden_sizes}",
     )
+    try:
+        check_architecture(agent.architecture, agent.hyper_parameters(), agent.hidden_sizes)
+    except ValueError as err:
+        raise ConfigError(f"agent: {err}") from None
     for key in ("actor_lr", "critic_lr", "alpha_lr", "init_temperature"):
         value = getattr(agent, key)
         _check(value > 0, f"agent.{key} must be > 0, found {value}")
@@ -460,6 +526,7 @@ def describe_options() -> str:
     The combiner's own keys are listed for each combiner, marked with the `combiner.name` they belong to.
     """
     from mtrl.combiners import COMBINERS
+    from mtrl.networks import ARCHITECTURES
 
     lines: list[str] = []
 
@@ -473,6 +540,8 @@ def describe_options() -> str:
         help_text = f.metadata.get("help", "")
         if key == "combiner.name":
             help_text += f": {' | '.join(COMBINERS)}"
+        if key == "agent.architecture":
+            help_text += f": {' | '.join(ARCHITECTURES)}"
         kind = f.type.__name__ if type(f.type) is type else str(f.type)  # a class, or an annotation's text
         lines.append(f"  {key} ({kind}, default {default}{owner}): {help_text}")
 
@@ -487,6 +556,10 @@ def describe_options() -> str:
             for name, combiner in COMBINERS.items():
                 for f in dataclasses.fields(combiner.Parameters):
                     describe(f"{prefix}{f.name}", f, f", combiner.name={name}")
+        if cls is AgentConfig:
+            for name, architecture in ARCHITECTURES.items():
+                for f in dataclasses.fields(architecture.Parameters):
+                    describe(f"{prefix}{f.name}", f, f", agent.architecture={name}")
 
     walk(Config, "")
     return "\n".join(lines)

@@ -127,9 +127,10 @@ class RunState:
             self.dims["act"],
             a.hidden_sizes,
             self.dims["tasks"],
-            a.variant == "multihead",
             a.log_std_min,
             a.log_std_max,
+            a.architecture,
+            a.hyper_parameters(),
         )
         weights = {k.removeprefix("actor."): v for k, v in self.agent.items() if k.startswith("actor.")}
         try:

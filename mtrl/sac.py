@@ -102,10 +102,10 @@ class MTSAC(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, cfg: AgentConfig):
         super().__init__()
-        multihead = cfg.variant == "multihead"
         self.cfg, self.num_tasks, self.act_dim = cfg, num_tasks, act_dim
-        self.actor = Actor(obs_dim, act_dim, cfg.hidden_sizes, num_tasks, multihead, cfg.log_std_min, cfg.log_std_max)
-        self.critic = TwinCritic(obs_dim, act_dim, cfg.hidden_sizes, num_tasks, multihead)
+        network = (cfg.architecture, cfg.hyper_parameters())
+        self.actor = Actor(obs_dim, act_dim, cfg.hidden_sizes, num_tasks, cfg.log_std_min, cfg.log_std_max, *network)
+        self.critic = TwinCritic(obs_dim, act_dim, cfg.hidden_sizes, num_tasks, *network)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         n_alpha = 1 if cfg.shared_temperature else num_tasks
         self.log_alpha = nn.Parameter(torch.full((n_alpha,), math.log(cfg.init_temperature)))

@@ -129,7 +129,7 @@ def test_training_with_adatask_moves_shared_weights_and_stays_finite(tmp_path):
     from mtrl.trainer import Trainer
 
     trainer = Trainer(
-        toy_config(tmp_path / "run", "optimizer.name=adatask", "agent.variant=multihead"), tmp_path / "run"
+        toy_config(tmp_path / "run", "optimizer.name=adatask", "agent.architecture=multihead"), tmp_path / "run"
     )
     before = {n: p.detach().clone() for n, p in trainer.agent.critic.named_parameters()}
     assert trainer.train() == 0

@@ -19,6 +19,7 @@ from mtrl.config import (
     load_config,
     to_dict,
 )
+from mtrl.networks import ARCHITECTURES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BEFORE_COMPOSITION = yaml.safe_load(
@@ -106,9 +107,11 @@ def test_mtsac_presets_follow_the_recipe():
 
 @pytest.mark.parametrize("bench", ["mt10", "mt50"])
 def test_method_presets_differ_from_the_baseline_only_in_the_method(bench):
-    """Every method preset (one per combiner that has one, and AdaTask) differs from the recipe in its method only."""
+    """Every method preset (one per combiner that has one, and AdaTask) differs from the recipe in its method only.
+    The architecture presets (tests/test_architecture_presets.py) are not method presets."""
     baseline = to_dict(load_config(CONFIGS / f"{bench}_mtsac.yaml"))
     methods = {p.stem.removeprefix(f"{bench}_") for p in CONFIGS.glob(f"{bench}_*.yaml")} - {"mtsac", "mtsac_paper"}
+    methods = {m for m in methods if not any(m == a or m.startswith(f"{a}_") for a in ARCHITECTURES)}
     shipped = {"cagrad", "conicgrad", "sdmgrad", "sdmgrad_os", "imgrad", "mgda", "pcgrad", "nashmtl", "adatask"}
     assert shipped <= methods and methods - {"adatask"} <= set(COMBINERS)
     for name in methods:
@@ -136,7 +139,8 @@ def flatten(data: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("stem", sorted(BEFORE_COMPOSITION["presets"]))
 def test_composed_presets_resolve_exactly_as_the_flat_presets_did(stem):
     """Every key the flat preset resolved to keeps its value. Only the other combiners' keys, null in the
-    flat days, are gone from the section; keys added to the schema since are not pinned here."""
+    flat days, are gone from the section; keys added to the schema since are not pinned here, and
+    agent.variant is now agent.architecture."""
     before = {**BEFORE_COMPOSITION["defaults"], **BEFORE_COMPOSITION["presets"][stem]}
     cfg = load_config(CONFIGS / f"{stem}.yaml")
     now = flatten(to_dict(cfg))
@@ -146,7 +150,7 @@ def test_composed_presets_resolve_exactly_as_the_flat_presets_did(stem):
         if key.startswith("combiner.") and key not in common | own:
             assert value is None and key not in now, key
         else:
-            assert now[key] == value, key
+            assert now[key.replace("agent.variant", "agent.architecture")] == value, key
     assert own <= set(before)
 
 

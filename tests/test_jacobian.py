@@ -19,7 +19,7 @@ K, B, OBS, ACT = 4, 6, 5, 2
 
 def _objective(multihead: bool, seed: int = 0) -> tuple[TwinCritic, TaskObjective]:
     torch.manual_seed(seed)
-    critic = TwinCritic(OBS, ACT, [16, 16], K, multihead).double()
+    critic = TwinCritic(OBS, ACT, [16, 16], K, "multihead" if multihead else "conditioned").double()
     names = task_parameter_names(critic)
     shared = {n: p for n, p in critic.named_parameters() if n not in names}
     task = {n: p for n, p in critic.named_parameters() if n in names}

@@ -179,7 +179,7 @@ def test_a_bad_update_writes_nothing_and_a_good_one_does(kind, combiner, tmp_pat
 @pytest.mark.parametrize(("combiner", "variant"), [("mean", "conditioned"), ("pcgrad", "multihead")])
 def test_faults_in_a_live_run_are_skipped_counted_and_logged(combiner, variant, tmp_path, caplog):
     run = tmp_path / "run"
-    overrides = [f"combiner.name={combiner}", f"agent.variant={variant}", "train.max_bad_updates=5"]
+    overrides = [f"combiner.name={combiner}", f"agent.architecture={variant}", "train.max_bad_updates=5"]
     trainer = Trainer(toy_config(run, *overrides), run)
     # 200 steps, updates from step 40 on: 161 updates. Faults: single ones of every kind, and runs of
     # four in a row (one short of the limit), so the streak must reset after each good update.

@@ -29,7 +29,7 @@ K, B, OBS, ACT = 3, 5, 6, 2
 def make_agent(variant: str, **agent) -> MTSAC:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        cfg = AgentConfig(variant=variant, hidden_sizes=[8, 7], init_temperature=0.3, **agent)
+        cfg = AgentConfig(architecture=variant, hidden_sizes=[8, 7], init_temperature=0.3, **agent)
         return MTSAC(OBS + K, ACT, K, cfg).double()
 
 
@@ -310,7 +310,7 @@ def test_adatask_steps_on_clipped_task_gradients():
 
     def shared_step(clip: float | None) -> torch.Tensor:
         update = make_update("conditioned", optimizer="adatask", grad_clip_norm=clip)
-        weight = update.agent.critic.q1.trunk[0].weight
+        weight = update.agent.critic.q1.net.trunk[0].weight
         before = weight.detach().clone()
         update(make_batch(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
         return (weight.detach() - before).abs().max()

@@ -118,7 +118,7 @@ def test_a_checkpoint_without_the_pending_log_values_is_refused_in_one_line(tmp_
 def test_optimizer_states_not_grouped_by_network_are_refused_in_one_line(optimizer, tmp_path):
     """Optimizer states are saved per network (`{critic: {adam: ...}, ...}`); one flat dict of torch
     optimizer states is not this format."""
-    overrides = (f"optimizer.name={optimizer}", "agent.variant=multihead", "checkpoint.save_buffer=true")
+    overrides = (f"optimizer.name={optimizer}", "agent.architecture=multihead", "checkpoint.save_buffer=true")
     run = tmp_path / "run"
     _train(run, *overrides, "train.total_steps=60")
     path = ckpt.latest_checkpoint(run)
@@ -194,7 +194,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
-    trainer = _train(tmp_path / "run", "agent.variant=multihead")
+    trainer = _train(tmp_path / "run", "agent.architecture=multihead")
     obs = np.random.default_rng(0).normal(size=(3, trainer.obs_dim)).astype(np.float32)
     expected = trainer.policy().eval_action(obs)
     for path in (ckpt.latest_checkpoint(tmp_path / "run"), tmp_path / "run"):
