@@ -87,9 +87,9 @@ def test_logits_are_kept_per_network():
     assert combiner.logits("critic")[0] < combiner.logits("critic")[1]  # task 0's loss fell: it loses weight
 
 
-def _update(k=3, combiner="famo", variant="conditioned", device_steps=False) -> SACUpdate | CompiledUpdate:
+def _update(k=3, combiner="famo", architecture="conditioned", device_steps=False) -> SACUpdate | CompiledUpdate:
     torch.manual_seed(0)
-    agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=[16, 16], variant=variant))
+    agent = MTSAC(OBS_DIM + k, ACT_DIM, k, AgentConfig(hidden_sizes=[16, 16], architecture=architecture))
     optimization = Optimization(agent.params, "adam", agent.learning_rates, k)
     update = SACUpdate(agent, optimization, make_combiner(combiner), ["critic"])
     return CompiledUpdate(update) if device_steps else update
@@ -102,7 +102,7 @@ def _batch(k=3, seed=0):
 @pytest.mark.parametrize("variant", ["conditioned", "multihead"])
 def test_the_gradient_is_the_weighted_sum_of_task_gradients_from_one_backward(variant):
     """No Jacobian: one backward of Σ w_i L_i; shared `.grad` = Σ_i w_i ∇L_i, each head its own ∇L_i."""
-    update = _update(variant=variant)
+    update = _update(architecture=variant)
     agent, combiner = update.agent, update.combiner
     batch = _batch()
     objective = agent.critic_objective(batch, batch.reward.clone())

@@ -81,16 +81,17 @@ def test_the_first_update_is_the_mean():
 
 
 @pytest.mark.parametrize(
-    ("variant", "network", "expected"),
+    ("architecture", "network", "expected"),
     [
-        ("conditioned", "critic", {"q1.head.weight", "q1.head.bias", "q2.head.weight", "q2.head.bias"}),
-        ("multihead", "critic", {"q1.trunk.2.weight", "q1.trunk.2.bias", "q2.trunk.2.weight", "q2.trunk.2.bias"}),
-        ("conditioned", "actor", {"head.weight", "head.bias"}),
-        ("multihead", "actor", {"trunk.2.weight", "trunk.2.bias"}),
+        ("conditioned", "critic", {f"q{i}.net.head.{p}" for i in (1, 2) for p in ("weight", "bias")}),
+        ("multihead", "critic", {f"q{i}.net.trunk.2.{p}" for i in (1, 2) for p in ("weight", "bias")}),
+        ("conditioned", "actor", {"net.head.weight", "net.head.bias"}),
+        ("multihead", "actor", {"net.trunk.2.weight", "net.trunk.2.bias"}),
+        ("moore", "critic", {f"q{i}.net.experts.2.{p}" for i in (1, 2) for p in ("weight", "bias")}),
     ],
 )
-def test_the_last_shared_layer_of_the_agents_networks(variant, network, expected):
-    agent = MTSAC(5, 2, 3, AgentConfig(hidden_sizes=[8, 8], variant=variant))
+def test_the_last_shared_layer_of_the_agents_networks(architecture, network, expected):
+    agent = MTSAC(5, 2, 3, AgentConfig(hidden_sizes=[8, 8], architecture=architecture))
     layout = [(name, p.numel()) for name, p in agent.params[network].shared.items()]
     columns, start = [], 0
     for name, size in layout:

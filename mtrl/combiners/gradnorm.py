@@ -150,8 +150,8 @@ def last_shared_layer(layout: Sequence[tuple[str, int]]) -> list[int]:
     """The columns of G that belong to the last shared layer, from the shared parameters' (name, numel).
 
     That layer is the module owning the last shared parameter, together with the modules at the same
-    place in sibling branches (the twin critic's `q1.head` and `q2.head`, or `q1.trunk.2` and
-    `q2.trunk.2` when the heads are per task).
+    place in sibling branches (the twin critic's `q1.net.head` and `q2.net.head`, or `q1.net.trunk.2` and
+    `q2.net.trunk.2` when the heads are per task).
     """
     if not layout:
         raise ValueError("GradNorm needs shared parameters: this network has none")
