@@ -101,6 +101,15 @@ class Combiner(ABC):
         """State carried from one update to the next; empty for stateless combiners."""
         return {}
 
+    def snapshot(self) -> Any:
+        """The state before an update, for `restore_where`: no copy and no host read (state
+        tensors are replaced, never written in place); None for stateless combiners."""
+        return None
+
+    def restore_where(self, snapshot: Any, skipped: Tensor) -> None:  # noqa: B027 - stateless: nothing to do
+        """Put the state of `snapshot` back where `skipped` (a 0-d bool tensor) holds, decided on
+        the device: an update that is skipped leaves the combiner exactly as it was."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} is stateless, found state keys {sorted(state)}")
