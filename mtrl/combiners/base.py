@@ -174,16 +174,20 @@ def gramian(matrix: Tensor) -> Tensor:
     if cpu and _product_is_safe(largest.item(), matrix.dtype, matrix.shape[1]):
         product = (matrix @ matrix.T).double()
     else:
-        scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent)
+        # 2^(e−1) for largest = f·2^e, f in [0.5, 1): entries below 2 in magnitude, and the scale itself
+        # representable (2^e overflows for entries within a factor 2 of the dtype's largest number).
+        scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)
         scaled = matrix / scale
-        product = (scaled @ scaled.T).double() * scale.double() ** 2
-    return (product + product.T) / 2
+        # Scaled back one factor at a time: a product beyond float64 is ±inf, a zero stays 0 (not 0·inf).
+        product = (scaled @ scaled.T).double() * scale.double() * scale.double()
+    return product / 2 + product.T / 2  # (A + Aᵀ)/2, where A + Aᵀ could overflow
 
 
 def _product_is_safe(largest: float, dtype: torch.dtype, length: int) -> bool:
     # Every entry of G Gᵀ is at most n·largest², and products of the largest entries must stay normal.
     info = torch.finfo(dtype)
-    return largest == 0 or info.tiny / info.eps < largest**2 < info.max / (4 * max(length, 1))
+    square = largest * largest  # a float product: inf past float64's range, where ** raises OverflowError
+    return largest == 0 or info.tiny / info.eps < square < info.max / (4 * max(length, 1))
 
 
 def normalised(gramian: Tensor) -> tuple[Tensor, Tensor]:
