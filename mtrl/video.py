@@ -182,6 +182,9 @@ def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
         raise ConfigError("--episodes sets the evaluation's episodes; with --video, use --video-episodes")
     check_options(args.video, args.video_episodes, args.width, args.height)
     camera = args.camera or default_camera(cfg.env.benchmark)
+    cameras = backend_module(cfg.env.benchmark).CAMERAS
+    if camera not in cameras:  # before the envs are built (tens of seconds for Meta-World)
+        raise ConfigError(f"unknown camera {camera!r}; this benchmark's cameras: {', '.join(cameras)}")
     mujoco_frames = backend_module(cfg.env.benchmark).RENDERS_WITH_MUJOCO
     if mujoco_frames and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
         # Without a display, gymnasium's automatic choice (GLFW) fails; EGL is the headless backend.
@@ -191,9 +194,6 @@ def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
     render = {"camera_name": camera, "width": args.width, "height": args.height}
     backend = make_backend(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)
     try:
-        known = camera_names(backend.vector_env.envs[0])
-        if camera not in known:
-            raise ConfigError(f"unknown camera {camera!r}; this benchmark's cameras: {', '.join(known)}")
         videos = record_videos(agent, backend, args.video, args.video_episodes)
     finally:
         backend.close()
