@@ -15,7 +15,8 @@ import torch
 from mtrl import checkpoint as ckpt
 from mtrl.callbacks import Callback
 from mtrl.combiners import make_combiner
-from mtrl.sac import UpdateHook
+from mtrl.optim import Optimization
+from mtrl.sac import SACUpdate, UpdateHook
 from mtrl.trainer import Trainer
 from tests.conftest import toy_config
 from tests.test_sac import make_agent, make_batch
@@ -75,6 +76,51 @@ def test_a_skipped_update_leaves_the_combiner_state_as_it_was(device_steps, skip
     assert after.keys() == expected.keys() == ({"warm_start"} if skipped else set())
     if skipped:
         assert torch.equal(after["warm_start"], expected["warm_start"])
+
+
+def learner(combiner: str, optimizer: str, device_steps: bool, hooks=()) -> SACUpdate:
+    agent = make_agent("multihead")
+    optimization = Optimization(agent.params, optimizer, agent.learning_rates, agent.num_tasks)
+    return SACUpdate(agent, optimization, make_combiner(combiner), hooks=hooks, device_steps=device_steps)
+
+
+def everything(update: SACUpdate) -> dict:
+    """Weights, optimizer state (moments and step counts) and combiner state."""
+    return {
+        "agent": update.agent.state_dict(),
+        "optimizers": update.optimization.state_dict(),
+        "combiner": update.combiner.state_dict(),
+    }
+
+
+def assert_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@MODES
+@pytest.mark.parametrize(
+    ("combiner", "optimizer"), [("nashmtl", "adam"), ("pcgrad", "adam"), ("sdmgrad_os", "adam"), ("mean", "adatask")]
+)
+def test_after_a_skipped_first_update_the_learner_goes_on_as_if_it_had_not_been_tried(
+    device_steps, combiner, optimizer
+):
+    skipping = learner(combiner, optimizer, device_steps, hooks=[PoisonTargets({0})])
+    assert [r.finite for r in run(skipping, [make_batch(0)])] == [False]
+    assert [r.finite for r in run(skipping, [make_batch(1)])] == [True]  # the same generators' seeds again
+    reference = learner(combiner, optimizer, device_steps)
+    run(reference, [make_batch(1)])
+    assert_equal(everything(skipping), everything(reference))
 
 
 class StopAt(Callback):
