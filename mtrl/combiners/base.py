@@ -165,6 +165,8 @@ def gramian(matrix: Tensor) -> Tensor:
 
     G is first divided by the power of two nearest its largest entry; that division is exact, so A
     equals G Gᵀ bit for bit wherever G Gᵀ is representable in G's dtype (a float32 row of 1e20s is not).
+    Entries smaller than the largest by more than the dtype's range (about 2^-126 in float32) are then
+    lost: A is accurate relative to its largest entry. Where G Gᵀ exceeds float64, A holds ±inf there.
     On the CPU the extra pass over G costs more than the product itself, so there it is only made
     when G's scale needs it.
     """
