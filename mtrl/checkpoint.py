@@ -11,6 +11,7 @@ of one. A file whose `format` is not `FORMAT_VERSION` is refused. Loading uses
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 CKPT_DIR = rundir.CHECKPOINT_DIR
 BEST = rundir.BEST_CHECKPOINT
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive,
+_PICKLE_PROTOCOL = b"\x80"  # or, in its legacy format, a pickle (protocol 2 and later open with this opcode)
 
 
 class CheckpointError(RuntimeError):
@@ -53,14 +56,22 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = resolve(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as file:
+        if not file.read(len(_ZIP_MAGIC)).startswith((_ZIP_MAGIC, _PICKLE_PROTOCOL)):
+            raise CheckpointError(f"{path} is not an mtrl checkpoint (not a file written by torch.save)")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols of files it is about to refuse anyway.
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip() or type(err).__name__
-        raise CheckpointError(f"refused to load {path}: not a safe checkpoint ({reason.splitlines()[0]})") from None
+        # torch's message advises loading the file with `weights_only=False`, which would run its code.
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"the Python object {named.group(1)}" if named else "Python objects"
+        raise CheckpointError(
+            f"refused to load {path}: not a safe checkpoint (it holds {what}; an mtrl checkpoint holds only "
+            "tensors and plain values)"
+        ) from None
     except Exception as err:  # whatever the parser trips on (IndexError, KeyError, ...), the file is unreadable
         raise CheckpointError(
             f"cannot read checkpoint {path}: corrupt or truncated file ({type(err).__name__})"

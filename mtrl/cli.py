@@ -168,6 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.episodes is not None and args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, found {args.episodes}")
+    _refuse_baseline_run(args.checkpoint)
     device = resolve_device(args.device)
     saved = load(args.checkpoint, map_location=device)
     policy = Policy(saved.actor(device), device)
@@ -189,6 +190,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{task:<{width}}  success {r['success']:.3f}  return {r['return']:9.2f}")
         print(f"{'mean':<{width}}  success {result.mean_success:.3f}  return {result.mean_return:9.2f}")
     return 0
+
+
+def _refuse_baseline_run(path: Path) -> None:
+    """A ConfigError for a run of `mtrl baseline`: it holds SB3 agents, no mtrl checkpoint, and was
+    evaluated as it trained."""
+    from mtrl import baseline
+
+    if path.is_dir() and baseline.read_state(path) is not None:
+        raise ConfigError(
+            f"{path} is a run of `mtrl baseline`, which has no mtrl checkpoint: it is evaluated as it trains, "
+            f"with the same protocol (eval records in {path / 'metrics.jsonl'}, the last also in "
+            f"{path / baseline.BASELINE_DIR / baseline.STATE_FILE}); `mtrl report {path} --out DIR` tabulates them"
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -10,9 +10,12 @@ one `NetworkOptimizer`:
   task-specific ones. It steps on the K×n matrix G of per-task gradients of the shared parameters,
   so the update must compute G for it: `takes_task_gradients` says so, and `step` receives G.
 
-Tasks that took no part in an update (a sampling combiner drew others) must not move: their
-task-specific slices and optimizer moments are put back after the step, since a zero gradient would
-still move them through Adam's momentum (docs/mtsac.md, "How the combiners plug in").
+Task-specific parameters (leading dimension K: task k owns slice k) step with `task_adam_step`:
+Adam with one step count per task row, so that a task that a sampling combiner draws only now and
+then is bias-corrected by the number of steps its own slice took, as if it had its own Adam
+(Kingma & Ba, 2015, Algorithm 1). Tasks that took no part in an update keep their slices, moments and
+counts: a zero gradient would still move them through Adam's momentum (docs/mtsac.md, "How the
+combiners plug in").
 
 `step_where` is the same step decided on the device, for the compiled update (`train.compile`): it
 takes the finiteness flag as a tensor and writes every parameter and moment through `torch.where`,
@@ -24,7 +27,8 @@ float rounding: the bias corrections are tensors here, Python floats there).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -61,7 +65,7 @@ class NetworkOptimizer(ABC):
 
     @abstractmethod
     def _step(self, task_gradients: Tensor | None) -> None:
-        """One optimizer step from `.grad` (and G)."""
+        """One optimizer step of the shared parameters from `.grad` (and G)."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -70,33 +74,41 @@ class NetworkOptimizer(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
     def step(self, task_gradients: Tensor | None, drawn: Tensor | None) -> None:
-        """Step; the slices (and moments) of tasks not in `drawn` (indices; None: all took part) stay put."""
-        kept = [] if drawn is None else self._slices_of_undrawn(drawn)
+        """Step; the slices, moments and step counts of tasks not in `drawn` (indices; None: all took
+        part) stay put."""
         self._step(task_gradients)
-        _put_back(kept)
+        if self.params.task:
+            task_adam_step(self.task_optimizer, self.params.task, self._rows(None, drawn))
 
     def step_where(self, task_gradients: Tensor | None, drawn: Tensor | None, finite: Tensor) -> None:
         """`step`, taken only where `finite` (a 0-d bool tensor) holds, with no host synchronisation."""
-        rows = self._rows(finite, drawn) if self.params.task else None
-        self._step_where(task_gradients, finite, rows)
+        self._step_where(task_gradients, finite)
+        if self.params.task:
+            task_adam_step(self.task_optimizer, self.params.task, self._rows(finite, drawn))
 
-    def _rows(self, finite: Tensor, drawn: Tensor | None) -> Tensor:
-        """[K] bool: whether task k's slices may step."""
-        k = next(iter(self.params.task.values())).shape[0]
-        return finite.expand(k) if drawn is None else finite & _drawn_mask(k, drawn)
+    def _rows(self, finite: Tensor | None, drawn: Tensor | None) -> Tensor:
+        """[K] bool: whether task k's slices step (`finite`: None for an update known to be finite)."""
+        p = next(iter(self.params.task.values()))
+        rows = torch.ones(p.shape[0], dtype=torch.bool, device=p.device) if drawn is None else _drawn_mask(p, drawn)
+        return rows if finite is None else finite & rows
 
     @abstractmethod
-    def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
-        """Step shared parameters where `finite`, task-specific slice k where `rows[k]`."""
+    def _step_where(self, task_gradients: Tensor | None, finite: Tensor) -> None:
+        """Step the shared parameters where `finite`."""
 
-    def _slices_of_undrawn(self, drawn: Tensor) -> list[_Slices]:
-        optimizer = self.task_optimizer
-        out = []
+    @abstractmethod
+    def prepare_state(self) -> None:
+        """Make the optimizers' state now, for device steps (`Optimization.prepare_device_steps`)."""
+
+    def _load_task_state(self) -> None:
+        """Task-specific parameters' loaded step counts, one per row on the parameter's device (where
+        the rows that step are decided). A checkpoint of an older version holds one count for the
+        whole tensor: every row starts from it."""
         for p in self.params.task.values():
-            undrawn = ~_drawn_mask(p.shape[0], drawn)
-            moments = {key: v.clone() for key, v in optimizer.state.get(p, {}).items() if _is_moment(v, p)}
-            out.append(_Slices(optimizer, p, undrawn, p.detach().clone(), moments))
-        return out
+            state = self.task_optimizer.state.get(p)
+            if state:
+                step = state["step"].to(p.device)
+                state["step"] = step.expand(p.shape[0]).clone() if step.dim() == 0 else step
 
 
 class AdamOptimizer(NetworkOptimizer):
@@ -109,10 +121,14 @@ class AdamOptimizer(NetworkOptimizer):
         return self.adam
 
     def _step(self, task_gradients: Tensor | None) -> None:
-        self.adam.step()
+        with _hidden_gradients(self.params.task.values()):  # they step with `task_adam_step`
+            self.adam.step()
 
-    def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
-        adam_step_where(self.adam, self.params, finite, rows)
+    def _step_where(self, task_gradients: Tensor | None, finite: Tensor) -> None:
+        adam_step_where(self.adam, self.params.shared.values(), finite)
+
+    def prepare_state(self) -> None:
+        _prepare_adam(self.adam, self.params)
 
     def state_dict(self) -> dict[str, Any]:
         return {"adam": self.adam.state_dict()}
@@ -120,6 +136,7 @@ class AdamOptimizer(NetworkOptimizer):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         _check_parts(state, ["adam"])
         self.adam.load_state_dict(state["adam"])
+        self._load_task_state()
 
 
 class AdaTaskOptimizer(NetworkOptimizer):
@@ -140,13 +157,14 @@ class AdaTaskOptimizer(NetworkOptimizer):
 
     def _step(self, task_gradients: Tensor | None) -> None:
         self.adatask.step_tasks(_required(task_gradients))
-        if self.adam is not None:
-            self.adam.step()
 
-    def _step_where(self, task_gradients: Tensor | None, finite: Tensor, rows: Tensor | None) -> None:
+    def _step_where(self, task_gradients: Tensor | None, finite: Tensor) -> None:
         self.adatask.step_tasks(_required(task_gradients), where=finite)
+
+    def prepare_state(self) -> None:
+        self.adatask.prepare_state()
         if self.adam is not None:
-            adam_step_where(self.adam, self.params._replace(shared={}), finite, rows)
+            _prepare_adam(self.adam, self.params._replace(shared={}))
 
     def state_dict(self) -> dict[str, Any]:
         state = {"adatask": self.adatask.state_dict()}
@@ -159,6 +177,7 @@ class AdaTaskOptimizer(NetworkOptimizer):
         self.adatask.load_state_dict(state["adatask"])
         if self.adam is not None:
             self.adam.load_state_dict(state["adam"])
+            self._load_task_state()
 
 
 class Optimization:
@@ -234,11 +253,8 @@ class Optimization:
         """
         if self._device_steps_ready:
             return False
-        for optimizer in self.optimizers():
-            if isinstance(optimizer, AdaTask):
-                optimizer.prepare_state()
-            else:
-                _prepare_adam(optimizer)
+        for optimizer in self.networks.values():
+            optimizer.prepare_state()
         self._device_steps_ready = True
         return True
 
@@ -258,34 +274,45 @@ class Optimization:
         return out
 
 
-class _Slices(NamedTuple):
-    optimizer: torch.optim.Optimizer
-    param: nn.Parameter
-    undrawn: Tensor  # [K] bool
-    value: Tensor  # the parameter before the step
-    moments: dict[str, Tensor]  # its moments before the step (absent: the step creates them)
-
-
 def _required(task_gradients: Tensor | None) -> Tensor:
     if task_gradients is None:
         raise ValueError("AdaTask steps on the per-task gradient matrix; none was given")
     return task_gradients
 
 
-def _drawn_mask(k: int, drawn: Tensor) -> Tensor:
-    """[k] bool: whether each task is among `drawn` (indices)."""
-    return torch.zeros(k, dtype=torch.bool, device=drawn.device).index_fill_(0, drawn, True)
+def _drawn_mask(p: Tensor, drawn: Tensor) -> Tensor:
+    """[K] bool on `p`'s device: whether each task (row of `p`) is among `drawn` (indices)."""
+    return torch.zeros(p.shape[0], dtype=torch.bool, device=p.device).index_fill_(0, drawn.to(p.device), True)
 
 
-def _prepare_adam(adam: torch.optim.Optimizer) -> None:
-    """Adam's state as `torch.optim.Adam` creates it at its first step, with the step count on the device."""
-    for p in (p for group in adam.param_groups for p in group["params"]):
-        state = adam.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=_scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] = state["step"].to(p.device)
+@contextmanager
+def _hidden_gradients(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """The parameters without `.grad` for a while: `torch.optim.Adam` does not step them."""
+    hidden = [(p, p.grad) for p in params]
+    for p, _ in hidden:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in hidden:
+            p.grad = grad
+
+
+def _prepare_adam(adam: torch.optim.Optimizer, params: NetworkParameters) -> None:
+    """Adam's state as a first step creates it, every step count on the parameter's device: one
+    count for a shared parameter (as `torch.optim.Adam`), one per row for a task-specific one."""
+    for p in params.shared.values():
+        _new_adam_state(adam.state[p], p, ())
+        adam.state[p]["step"] = adam.state[p]["step"].to(p.device)
+    for p in params.task.values():
+        _new_adam_state(adam.state[p], p, (p.shape[0],))
+
+
+def _new_adam_state(state: dict[str, Tensor], p: Tensor, counts: tuple[int, ...]) -> None:
+    if not state:
+        state["step"] = torch.zeros(counts, dtype=_scalar_dtype(), device=p.device if counts else None)
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -294,45 +321,46 @@ def _scalar_dtype() -> torch.dtype:
 
 
 @torch.no_grad()
-def adam_step_where(
-    adam: torch.optim.Optimizer, params: NetworkParameters, finite: Tensor, rows: Tensor | None
-) -> None:
-    """One step of `adam` (no weight decay, no amsgrad) on `params`: shared ones where `finite`,
-    task-specific slice k where `rows[k]`; nothing else moves. State made by `_prepare_adam`."""
-    (group,) = adam.param_groups
-    beta1, beta2 = group["betas"]
-    gates = [(p, finite) for p in params.shared.values()]
-    if rows is not None:
-        gates += [(p, rows.view(-1, *(1,) * (p.dim() - 1))) for p in params.task.values()]
-    for p, gate in gates:
-        if p.grad is None:  # as torch.optim.Adam: a parameter without a gradient is not stepped
-            continue
-        state, grad = adam.state[p], p.grad
-        state["step"].add_(finite.to(state["step"].dtype))
-        t = state["step"].to(torch.float64)
-        step_size = (group["lr"] / (1 - beta1**t)).to(p.dtype)
-        bias_correction2_sqrt = (1 - beta2**t).sqrt().to(p.dtype)
-        m = state["exp_avg"].lerp(grad, 1 - beta1)
-        v = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        new = p - step_size * m / (v.sqrt() / bias_correction2_sqrt + group["eps"])
-        p.copy_(torch.where(gate, new, p))
-        state["exp_avg"].copy_(torch.where(gate, m, state["exp_avg"]))
-        state["exp_avg_sq"].copy_(torch.where(gate, v, state["exp_avg_sq"]))
-
-
-def _is_moment(value: object, p: nn.Parameter) -> bool:
-    return torch.is_tensor(value) and value.shape == p.shape
+def adam_step_where(adam: torch.optim.Optimizer, params: Iterable[nn.Parameter], finite: Tensor) -> None:
+    """One step of `adam` (no weight decay, no amsgrad) on `params` (shared ones: one step count
+    each), taken where `finite` holds. State made by `_prepare_adam`."""
+    for p in params:
+        _adam_step(adam, p, finite, finite)
 
 
 @torch.no_grad()
-def _put_back(kept: list[_Slices]) -> None:
-    for optimizer, p, undrawn, value, moments in kept:
-        mask = undrawn.view(-1, *(1,) * (p.dim() - 1))
-        p.copy_(torch.where(mask, value, p))
-        for key, moment in optimizer.state[p].items():
-            if _is_moment(moment, p):  # moments created by this very step start from zero
-                before = moments[key] if key in moments else torch.zeros_like(moment)
-                moment.copy_(torch.where(mask, before, moment))
+def task_adam_step(adam: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], rows: Tensor) -> None:
+    """One step of `adam` (no weight decay, no amsgrad) on task-specific parameters: row k only where
+    `rows[k]` ([K] bool), bias-corrected by row k's own step count (`state["step"]`, shape [K]).
+
+    A task drawn with probability p has taken about p·t steps after t updates: a count for the whole
+    tensor would bias-correct its moments as if it had taken t, which mis-scales its steps until
+    the corrections reach 1 (about 1/√p too large once β1's correction has, while β2's has not).
+    """
+    for p in params.values():
+        _new_adam_state(adam.state[p], p, (p.shape[0],))
+        _adam_step(adam, p, rows, rows.view(-1, *(1,) * (p.dim() - 1)))
+
+
+def _adam_step(adam: torch.optim.Optimizer, p: nn.Parameter, counted: Tensor, gate: Tensor) -> None:
+    """`torch.optim.Adam`'s arithmetic on `p`, its step count(s) advanced by `counted`, the
+    parameter and moments written only where `gate` holds (broadcast against `p`)."""
+    if p.grad is None:  # as torch.optim.Adam: a parameter without a gradient is not stepped
+        return
+    (group,) = adam.param_groups
+    beta1, beta2 = group["betas"]
+    state, grad = adam.state[p], p.grad
+    state["step"].add_(counted.to(state["step"].dtype))
+    # A row that never stepped has count 0, and its (unused) corrections would divide by 0.
+    t = state["step"].to(torch.float64).clamp(min=1).view(*state["step"].shape, *(1,) * (p.dim() - counted.dim()))
+    step_size = (group["lr"] / (1 - beta1**t)).to(p.dtype)
+    bias_correction2_sqrt = (1 - beta2**t).sqrt().to(p.dtype)
+    m = state["exp_avg"].lerp(grad, 1 - beta1)
+    v = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    new = p - step_size * m / (v.sqrt() / bias_correction2_sqrt + group["eps"])
+    p.copy_(torch.where(gate, new, p))
+    state["exp_avg"].copy_(torch.where(gate, m, state["exp_avg"]))
+    state["exp_avg_sq"].copy_(torch.where(gate, v, state["exp_avg_sq"]))
 
 
 def _check_parts(state: Mapping[str, Any], expected: list[str]) -> None:

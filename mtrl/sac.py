@@ -406,6 +406,7 @@ class SACUpdate:
         `draws`: each network's combiner randomness (`draw_combiner`); None: its combiner draws none."""
         draws = draws or {}
         agent = self.agent
+        combiner_before = self.combiner.snapshot()
         target = agent.bellman_target(batch, next_noise, self.q_target_clip)
         for hook in self.hooks:
             hook.on_target(target)
@@ -429,6 +430,7 @@ class SACUpdate:
         finite = torch.stack([critic.finite, actor.finite, alpha.finite]).all() & all_finite(
             p.grad for net in NETWORKS for p in agent.params[net].all()
         )
+        self.combiner.restore_where(combiner_before, ~finite)  # a skipped update leaves the combiner as it was
         metrics = {
             "loss/critic": critic.losses,
             "loss/actor": actor.losses,

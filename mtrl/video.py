@@ -69,6 +69,15 @@ def default_camera(benchmark: str) -> str:
     return backend_module(benchmark).DEFAULT_CAMERA
 
 
+def check_camera(benchmark: str, camera: str, key: str) -> None:
+    """A ConfigError naming `key` unless `camera` is one of `benchmark`'s cameras (known without building an env)."""
+    from mtrl.envs import backend_module
+
+    cameras = backend_module(benchmark).CAMERAS
+    if camera not in cameras:
+        raise ConfigError(f"{key}: unknown camera {camera!r}; this benchmark's cameras: {', '.join(cameras)}")
+
+
 def camera_names(env: gym.Env) -> list[str]:
     """The named cameras of one (sub-)env: its MuJoCo model's, or the toy env's."""
     base = env.unwrapped
@@ -238,15 +247,12 @@ class EvalVideos:
 
         ev = cfg.eval
         camera = ev.video_camera or default_camera(cfg.env.benchmark)
+        check_camera(cfg.env.benchmark, camera, "eval.video_camera")
         prepare_rendering(cfg.env.benchmark)
         render = {"camera_name": camera, "width": ev.video_width, "height": ev.video_height}
         self.backend = make_backend(cfg.env, cfg.seed, evaluation=True, vector_strategy="sync", render=render)
         first = self.backend.vector_env.envs[0]
-        known = camera_names(first)
         try:
-            if camera not in known:
-                names = ", ".join(known)
-                raise ConfigError(f"eval.video_camera: unknown camera {camera!r}; this benchmark's cameras: {names}")
             frame_stride(first.metadata.get("render_fps", 30), ev.video_fps, "eval.video_fps")
         except ConfigError:
             self.backend.close()
@@ -282,13 +288,11 @@ def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
         raise ConfigError("--episodes sets the evaluation's episodes; with --video, use --video-episodes")
     check_options(args.video, args.video_episodes, args.width, args.height, args.fps)
     camera = args.camera or default_camera(cfg.env.benchmark)
+    check_camera(cfg.env.benchmark, camera, "--camera")  # before the envs are built (tens of seconds for Meta-World)
     prepare_rendering(cfg.env.benchmark)
     render = {"camera_name": camera, "width": args.width, "height": args.height}
     backend = make_backend(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)
     try:
-        known = camera_names(backend.vector_env.envs[0])
-        if camera not in known:
-            raise ConfigError(f"unknown camera {camera!r}; this benchmark's cameras: {', '.join(known)}")
         videos = record_videos(
             agent, backend, args.video, args.video_episodes, args.fps, None, cfg.env.max_episode_steps
         )

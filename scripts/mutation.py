@@ -30,10 +30,19 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "optim": (
         ["mtrl.optim.*"],
-        ["tests/test_sac.py", "tests/test_sac_update.py", "tests/test_adatask.py", "tests/test_compiled_update.py"],
+        [
+            "tests/test_sac.py",
+            "tests/test_sac_update.py",
+            "tests/test_adatask.py",
+            "tests/test_compiled_update.py",
+            "tests/test_task_adam.py",
+        ],
     ),
     "adatask": (["mtrl.adatask.*"], ["tests/test_adatask.py", "tests/test_sac.py", "tests/test_compiled_update.py"]),
-    "combiners": (["mtrl.combiners.*"], sorted(str(p) for p in Path("tests").glob("test_combiner_*.py"))),
+    "combiners": (
+        ["mtrl.combiners.*"],
+        [*sorted(str(p) for p in Path("tests").glob("test_combiner_*.py")), "tests/test_skipped_updates.py"],
+    ),
 }
 DETECTED = ("killed", "timeout")
 

@@ -360,11 +360,32 @@ CASES = [
     Case("eval a missing checkpoint", ("eval", "absent.pt"), "checkpoint not found: absent.pt"),
     Case("eval an empty directory", ("eval", "empty"), "no checkpoint found in empty", (empty_dir,)),
     Case("eval a truncated checkpoint", ("eval", LATEST), "corrupt or truncated", (truncate(LATEST, 0.3),)),
-    Case("eval a YAML file", ("eval", "good.yaml"), "corrupt or truncated"),
+    Case(
+        "eval a YAML file",
+        ("eval", "good.yaml"),
+        "good.yaml is not an mtrl checkpoint (not a file written by torch.save)",
+    ),
+    Case(
+        "eval a text file",
+        ("eval", "README.md"),
+        "README.md is not an mtrl checkpoint (not a file written by torch.save)",
+        (write("README.md", "# mtrl\n\nMulti-task SAC.\n"),),
+    ),
+    Case(
+        "eval a baseline run",
+        ("eval", "base"),
+        "base is a run of `mtrl baseline`, which has no mtrl checkpoint: it is evaluated as it trains",
+        (write("base/baseline/state.json", '{"method": "sac_single_task", "step": 20, "total_steps": 20}'),),
+    ),
+    Case(
+        "eval with an unknown camera",
+        ("eval", RUN, "--video", "videos", "--camera", "nosuch"),
+        "unknown camera 'nosuch'; this benchmark's cameras: topview",
+    ),
     Case(
         "eval a tampered pickle",
         ("eval", "evil.pt"),
-        "not a safe checkpoint",
+        "not a safe checkpoint (it holds the Python object getattr; an mtrl checkpoint holds only tensors",
         (torch_file("evil.pt", lambda d: {"format": ckpt.FORMAT_VERSION, "payload": Exploit()}),),
     ),
     Case(
@@ -440,6 +461,7 @@ def test_bad_input_gives_one_line_an_error_code_and_writes_nothing(case, tmp_pat
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("mtrl"), lines[0]
     assert case.message in lines[0]
+    assert "weights_only" not in lines[0]  # torch's advice to load the file anyway (and run its code)
     assert captured.out == ""
     assert [str(w.message) for w in caught] == []  # a warning would be a second line on a terminal
     assert _snapshot(tmp_path) == before
@@ -478,3 +500,29 @@ def test_print_config_on_resume_shows_the_saved_config_with_the_overrides_and_wr
     saved = ckpt.load(LATEST)["config"]
     assert printed == {**saved, "train": {**saved["train"], "total_steps": 120}, "run": {"dir": RUN}}
     assert _snapshot(tmp_path) == before
+
+
+def test_an_unknown_camera_is_refused_before_any_env_is_built(tmp_path, finished_run, monkeypatch, capsys):
+    import mtrl.envs
+
+    def build_nothing(*args, **kwargs):
+        raise AssertionError("the envs were built before the camera was checked")
+
+    monkeypatch.setattr(mtrl.envs, "make_backend", build_nothing)
+    code = _main(["eval", str(finished_run), "--video", str(tmp_path / "videos"), "--camera", "nosuch"])
+    assert code == 2
+    assert "unknown camera 'nosuch'; this benchmark's cameras: topview" in capsys.readouterr().err
+    assert not (tmp_path / "videos").exists()
+
+
+@pytest.mark.metaworld
+def test_the_cameras_known_before_building_are_the_meta_world_models():
+    from mtrl.config import EnvConfig
+    from mtrl.envs import make_backend, metaworld
+    from mtrl.video import camera_names
+
+    backend = make_backend(EnvConfig(benchmark="MT1", tasks=["reach-v3"]), 0, evaluation=True, vector_strategy="sync")
+    try:
+        assert sorted(camera_names(backend.vector_env.envs[0])) == sorted(metaworld.CAMERAS)
+    finally:
+        backend.close()

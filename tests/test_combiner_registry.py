@@ -125,6 +125,33 @@ def test_gramian_of_large_gradients_over_many_parameters_stays_finite():
     torch.testing.assert_close(result, matrix.double() @ matrix.double().T, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("huge", [3e38, -3e38, torch.finfo(torch.float32).max])
+def test_gramian_of_a_huge_finite_float32_entry_is_finite(huge):
+    from mtrl.combiners.base import gramian
+
+    # Within a factor 2 of float32's largest number, the power of two that scales G does not exist in float32.
+    matrix = torch.tensor([[huge, 1.0, -2.0], [1.0, 2.0, 3.0]], dtype=torch.float32)
+    reference = matrix.double() @ matrix.double().T  # representable in float64
+    result = gramian(matrix)
+    assert torch.isfinite(result).all()
+    # float32's precision relative to the largest entry (the small ones underflow in the scaled product)
+    torch.testing.assert_close(result, reference, rtol=1e-6, atol=1e-6 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("huge", "small", "product"),
+    [(1e200, 0.5, 5e199), (torch.finfo(torch.float64).max, 2.0, torch.inf)],  # max x 2 overflows float64
+)
+def test_gramian_beyond_float64_is_infinite_where_it_overflows_and_raises_nothing(huge, small, product):
+    from mtrl.combiners.base import gramian
+
+    matrix = torch.tensor([[huge, 0.0, 0.0], [0.0, 2.0, 0.0], [small, 0.0, 0.0]], dtype=torch.float64)
+    result = gramian(matrix)
+    assert not result.isnan().any()
+    assert result[0, 0] == torch.inf and result[0, 1] == result[1, 0] == 0  # 0, not 0 x inf
+    assert result[0, 2] == result[2, 0] == pytest.approx(product, rel=1e-15)
+
+
 @pytest.mark.parametrize(
     "name, given, kept",
     [

@@ -345,5 +345,5 @@ def test_state_for_device_steps_is_made_once_and_again_after_a_load():
     assert optimization.prepare_device_steps() and not optimization.prepare_device_steps()
     # the loaded state goes on counting: a second update is the second step of every optimizer
     assert [r.finite for r in _run(update, BATCHES[1:2])] == [True]
-    counts = {float(s["step"]) for o in optimization.optimizers() for s in o.state.values()}
+    counts = {float(c) for o in optimization.optimizers() for s in o.state.values() for c in s["step"].reshape(-1)}
     assert counts == {2.0}

@@ -155,6 +155,15 @@ class Combiner(ABC):
         """State carried from one update to the next; empty for stateless combiners."""
         return {}
 
+    def snapshot(self) -> Any:
+        """The state before an update, for `restore_where`: no copy and no host read (state
+        tensors are replaced, never written in place); None for stateless combiners."""
+        return None
+
+    def restore_where(self, snapshot: Any, skipped: Tensor) -> None:  # noqa: B027 - stateless: nothing to do
+        """Put the state of `snapshot` back where `skipped` (a 0-d bool tensor) holds, decided on
+        the device: an update that is skipped leaves the combiner exactly as it was."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} is stateless, found state keys {sorted(state)}")
@@ -210,6 +219,8 @@ def gramian(matrix: Tensor) -> Tensor:
 
     G is first divided by the power of two nearest its largest entry; that division is exact, so A
     equals G Gᵀ bit for bit wherever G Gᵀ is representable in G's dtype (a float32 row of 1e20s is not).
+    Entries smaller than the largest by more than the dtype's range (about 2^-126 in float32) are then
+    lost: A is accurate relative to its largest entry. Where G Gᵀ exceeds float64, A holds ±inf there.
     On the CPU the extra pass over G costs more than the product itself, so there it is only made
     when G's scale needs it.
     """
@@ -219,16 +230,20 @@ def gramian(matrix: Tensor) -> Tensor:
     if cpu and _product_is_safe(largest.item(), matrix.dtype, matrix.shape[1]):
         product = (matrix @ matrix.T).double()
     else:
-        scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent)
+        # 2^(e−1) for largest = f·2^e, f in [0.5, 1): entries below 2 in magnitude, and the scale itself
+        # representable (2^e overflows for entries within a factor 2 of the dtype's largest number).
+        scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)
         scaled = matrix / scale
-        product = (scaled @ scaled.T).double() * scale.double() ** 2
-    return (product + product.T) / 2
+        # Scaled back one factor at a time: a product beyond float64 is ±inf, a zero stays 0 (not 0·inf).
+        product = (scaled @ scaled.T).double() * scale.double() * scale.double()
+    return product / 2 + product.T / 2  # (A + Aᵀ)/2, where A + Aᵀ could overflow
 
 
 def _product_is_safe(largest: float, dtype: torch.dtype, length: int) -> bool:
     # Every entry of G Gᵀ is at most n·largest², and products of the largest entries must stay normal.
     info = torch.finfo(dtype)
-    return largest == 0 or info.tiny / info.eps < largest**2 < info.max / (4 * max(length, 1))
+    square = largest * largest  # a float product: inf past float64's range, where ** raises OverflowError
+    return largest == 0 or info.tiny / info.eps < square < info.max / (4 * max(length, 1))
 
 
 def normalised(gramian: Tensor) -> tuple[Tensor, Tensor]:

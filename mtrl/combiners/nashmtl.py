@@ -25,7 +25,8 @@ class NashMTL(Combiner):
     Then g_iᵀd = 1/α_i and ‖d‖ = √K at any gradient scale; no max-norm clipping is applied.
     The equations are the stationarity conditions of the strictly convex ψ(α) = ½αᵀAα − Σ log α_i,
     minimised by damped Newton steps with a batched line search, warm-started from the previous
-    update's solution (`state_dict`). The equations are solved for the cosine matrix Ã = DAD,
+    update's solution (`state_dict`); a call or an update that is not finite leaves that warm start
+    as it was, "none yet" included (`weights`, `restore_where`). The equations are solved for the cosine matrix Ã = DAD,
     D = diag(1/‖g_i‖): if Ãβ = 1/β then α = Dβ, so every task's scale drops out of the solve.
     A ridge δ = 1e-10 is added to Ã: the regularised equations always have exactly one solution,
     within a relative O(δβ²) of the Nash point. Without it none exists when 0 ∈ conv{g_i} (two
@@ -44,18 +45,34 @@ class NashMTL(Combiner):
         norms = gramian.diagonal().clamp(min=0).sqrt()
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero row stays zero in Ã
         cosines = gramian / torch.outer(norms, norms)
-        start = self._start
-        if start is None or start.shape != (size,):
-            start = cold_start(cosines)
-        start = start.to(cosines)
-        solution = nash_point(cosines, start)
+        cold = cold_start(cosines)
+        previous = self._start
+        if previous is None or previous.shape != (size,):
+            previous = torch.full_like(cold, torch.nan)  # no warm start yet
+        previous = previous.to(cosines)
+        # "No warm start yet" is a non-finite start (so no host read decides it): it starts cold.
+        solution = nash_point(cosines, torch.where(torch.isfinite(previous).all(), previous, cold))
         self.last_residual = (solution * (cosines @ solution) - 1).abs().amax()
-        # A non-finite Gramian (an update the trainer skips) must not poison the next warm start.
-        self._start = torch.where(torch.isfinite(solution).all(), solution, start)
+        # A non-finite Gramian (an update the trainer skips) leaves the warm start as it was.
+        self._start = torch.where(torch.isfinite(solution).all(), solution, previous)
         return solution / norms
 
+    def snapshot(self) -> Tensor | None:
+        return self._start
+
+    def restore_where(self, snapshot: Tensor | None, skipped: Tensor) -> None:
+        if self._start is None:
+            return
+        if snapshot is None or snapshot.shape != self._start.shape:
+            snapshot = torch.full_like(self._start, torch.nan)  # no warm start yet
+        self._start = torch.where(skipped, snapshot.to(self._start), self._start)
+
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._start is None else {"warm_start": self._start.detach().cpu().clone()}
+        """{"warm_start": β of the last finite solve}, or {} before the first (older checkpoints may
+        hold a NaN warm start: it means the same)."""
+        if self._start is None or not torch.isfinite(self._start).all():
+            return {}
+        return {"warm_start": self._start.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unexpected = set(state) - {"warm_start"}

@@ -4,7 +4,7 @@ A backend is one module here (see docs/envs.md) that provides
     make_backend(cfg, seed, evaluation, vector_strategy, render) -> EnvBackend
     task_names(cfg) -> list[str]                    the tasks in slot order, without building envs
     check_task_names(benchmark, tasks) -> None      ValueError for a task it does not know
-    DEFAULT_CAMERA: str, RENDERS_WITH_MUJOCO: bool   for `mtrl eval --video`
+    DEFAULT_CAMERA: str, CAMERAS: tuple[str, ...], RENDERS_WITH_MUJOCO: bool   for `mtrl eval --video`
 and one line in `REGISTRY`. The registry answers config validation (which benchmarks exist, are these
 task names valid) by importing only the backend asked about, and builds nothing.
 """

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from mtrl.config import EnvConfig
 
 DEFAULT_CAMERA = "corner"
+# The cameras of Meta-World's shared scene, known before any env is built (`mtrl eval --video --camera`).
+CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 RENDERS_WITH_MUJOCO = True  # offscreen, through an OpenGL backend (MUJOCO_GL)
 
 # Meta-World declares float64 bounds on float32 spaces; gymnasium warns on every construction.

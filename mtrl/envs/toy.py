@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mtrl.config import EnvConfig
 
 DEFAULT_CAMERA = "topview"
+CAMERAS = ("topview",)  # the one view it draws
 RENDERS_WITH_MUJOCO = False  # frames are drawn with numpy
 TASK_PREFIX = "toy-"
 
@@ -69,7 +70,7 @@ class ToyReachEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
-    camera_names = ("topview",)
+    camera_names = CAMERAS
 
     def __init__(
         self,
