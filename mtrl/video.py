@@ -69,13 +69,15 @@ def default_camera(benchmark: str) -> str:
     return backend_module(benchmark).DEFAULT_CAMERA
 
 
-def check_camera(benchmark: str, camera: str, key: str) -> None:
-    """A ConfigError naming `key` unless `camera` is one of `benchmark`'s cameras (known without building an env)."""
+def check_camera(benchmark: str, camera: str, key: str | None = None) -> None:
+    """A ConfigError (naming the config `key`, if any) unless `camera` is one of `benchmark`'s cameras,
+    which are known without building an env."""
     from mtrl.envs import backend_module
 
     cameras = backend_module(benchmark).CAMERAS
     if camera not in cameras:
-        raise ConfigError(f"{key}: unknown camera {camera!r}; this benchmark's cameras: {', '.join(cameras)}")
+        where = f"{key}: " if key else ""
+        raise ConfigError(f"{where}unknown camera {camera!r}; this benchmark's cameras: {', '.join(cameras)}")
 
 
 def camera_names(env: gym.Env) -> list[str]:
@@ -288,7 +290,7 @@ def run(args: argparse.Namespace, agent: Agent, cfg: Config, seed: int) -> int:
         raise ConfigError("--episodes sets the evaluation's episodes; with --video, use --video-episodes")
     check_options(args.video, args.video_episodes, args.width, args.height, args.fps)
     camera = args.camera or default_camera(cfg.env.benchmark)
-    check_camera(cfg.env.benchmark, camera, "--camera")  # before the envs are built (tens of seconds for Meta-World)
+    check_camera(cfg.env.benchmark, camera)  # before the envs are built (tens of seconds for Meta-World)
     prepare_rendering(cfg.env.benchmark)
     render = {"camera_name": camera, "width": args.width, "height": args.height}
     backend = make_backend(cfg.env, seed, evaluation=True, vector_strategy="sync", render=render)

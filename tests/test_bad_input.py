@@ -299,7 +299,7 @@ CASES = [
     ),
     Case("resume with --config", ("train", "--resume", RUN, "--config", "good.yaml"), "drop --config"),
     Case("resume a truncated checkpoint", ("train", "--resume", RUN), "corrupt or truncated", (truncate(LATEST, 0.6),)),
-    Case("resume an empty checkpoint", ("train", "--resume", RUN), "corrupt or truncated", (write(LATEST, b""),)),
+    Case("resume an empty checkpoint", ("train", "--resume", RUN), "is not an mtrl checkpoint", (write(LATEST, b""),)),
     Case(
         "resume a tampered checkpoint",
         ("train", "--resume", RUN),

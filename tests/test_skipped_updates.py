@@ -15,6 +15,7 @@ import torch
 from mtrl import checkpoint as ckpt
 from mtrl.callbacks import Callback
 from mtrl.combiners import make_combiner
+from mtrl.compiled import CompiledUpdate
 from mtrl.optim import Optimization
 from mtrl.sac import SACUpdate, UpdateHook
 from mtrl.trainer import Trainer
@@ -78,10 +79,11 @@ def test_a_skipped_update_leaves_the_combiner_state_as_it_was(device_steps, skip
         assert torch.equal(after["warm_start"], expected["warm_start"])
 
 
-def learner(combiner: str, optimizer: str, device_steps: bool, hooks=()) -> SACUpdate:
+def learner(combiner: str, optimizer: str, device_steps: bool, hooks=()) -> SACUpdate | CompiledUpdate:
     agent = make_agent("multihead")
     optimization = Optimization(agent.params, optimizer, agent.learning_rates, agent.num_tasks)
-    return SACUpdate(agent, optimization, make_combiner(combiner), hooks=hooks, device_steps=device_steps)
+    update = SACUpdate(agent, optimization, make_combiner(combiner), hooks=hooks)
+    return CompiledUpdate(update) if device_steps else update
 
 
 def everything(update: SACUpdate) -> dict:
@@ -155,7 +157,7 @@ def test_a_bad_first_update_after_resuming_before_any_update_does_not_stall(tmp_
     cfg = toy_config(run_dir, *OVERRIDES)
     assert Trainer(cfg, run_dir, callbacks=[StopAt(39)]).train() == 0  # the warm-up ends at 40
     assert ckpt.load(ckpt.latest_checkpoint(run_dir))["combiner"] == {}
-    resumed = Trainer(cfg, run_dir, resume=True)
+    resumed = Trainer.resume(run_dir)
     resumed.learner.hooks.append(PoisonTargets({0}))
     assert resumed.train() == 0
     assert (resumed.counters.bad_updates, resumed.counters.updates) == (1, 20)

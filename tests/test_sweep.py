@@ -178,7 +178,7 @@ BAD_SPECS = [
         {"grid": {"train.total_steps": [100, -5]}},
         "trial toy-train.total_steps=-5-s0: train.total_steps must be > 0, found -5",
     ),
-    ({"grid": {"agent.nope": [1]}}, "trial toy-agent.nope=1-s0: invalid config: "),
+    ({"grid": {"agent.nope": [1]}}, "trial toy-agent.nope=1-s0: agent: unknown key 'nope'"),
     ({"overrides": {"device": "cuda"}}, "trial toy-s0: device=cuda needs a GPU; set resources.num_gpus"),
     ({"presets": ["missing.yaml"]}, "trial missing-s0: config file not found: "),
     ({"presets": ["toy.yaml", "other/toy.yaml"]}, "share the file name 'toy', which names their trials"),
