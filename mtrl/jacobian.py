@@ -8,7 +8,9 @@ slice of the `[K, B, ...]` batch. Two ways to differentiate it:
   a loss-weighting method such as FAMO needs: no Jacobian either);
 - `task_jacobian`: `vmap(grad(loss))` over the task dimension. Each task's forward and backward
   runs on its own B samples, so the whole K x n matrix costs about one mean-loss backward,
-  instead of K backward passes with `retain_graph` as in the published code.
+  instead of K backward passes with `retain_graph` as in the published code. The matrix is
+  written into a `JacobianBuffer` that lives as long as the update: memory that is not freshly
+  allocated every update (see the class).
 
 Shared parameters receive the combined update; task-specific parameters (multi-head layers,
 per-task temperatures; leading dimension K) receive their own task's gradient unchanged.
@@ -130,8 +132,34 @@ class TaskGradients:
     aux: Any
 
 
-def task_jacobian(objective: TaskObjective, tasks: torch.Tensor | None = None) -> TaskGradients:
-    """Per-task gradients of every parameter in one vmapped pass; only `tasks` rows if given."""
+class JacobianBuffer:
+    """The storage one network's K x n gradient matrix is written into, kept from update to update.
+
+    The matrix is K times the size of the network's shared parameters, and it is written whole
+    every update. Freshly allocated, memory that large comes from the operating system page by
+    page each time (glibc gives every allocation above 32 MiB its own mapping, unmapped when freed), and
+    on a CPU those page faults cost more than writing the numbers (measured in
+    docs/architectures.md#cost). Kept, it is allocated once. A matrix taken from the buffer is
+    valid until the buffer's next use: the update reads it before its next update.
+    """
+
+    def __init__(self) -> None:
+        self._storage: torch.Tensor | None = None
+
+    def rows(self, k: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A `[k, n]` tensor with `like`'s dtype and device, in the kept storage (grown when needed)."""
+        s = self._storage
+        if s is None or s.shape[0] < k or s.shape[1] != n or s.dtype != like.dtype or s.device != like.device:
+            s = self._storage = like.new_empty((k, n))
+        return s[:k]
+
+
+def task_jacobian(
+    objective: TaskObjective, tasks: torch.Tensor | None = None, out: JacobianBuffer | None = None
+) -> TaskGradients:
+    """Per-task gradients of every parameter in one vmapped pass; only `tasks` rows if given.
+
+    The matrix is written into `out` if given (not inside torch.compile, which plans its own memory)."""
     o = objective
 
     def select(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +176,13 @@ def task_jacobian(objective: TaskObjective, tasks: torch.Tensor | None = None) -
     per_task_grad = grad(loss_with_aux, argnums=(0, 1), has_aux=True)
     (g_shared, g_task), (losses, aux) = vmap(per_task_grad, in_dims=_IN_DIMS)(shared, task, inputs, o.consts)
     k = inputs[0].shape[0]
-    matrix = torch.cat([g.reshape(k, -1) for g in g_shared.values()], dim=1) if g_shared else None
+    blocks = [g.reshape(k, -1) for g in g_shared.values()]
+    if not blocks:
+        matrix = None
+    elif out is None or torch.compiler.is_compiling():
+        matrix = torch.cat(blocks, dim=1)
+    else:
+        matrix = torch.cat(blocks, dim=1, out=out.rows(k, sum(b.shape[1] for b in blocks), blocks[0]))
     return TaskGradients(matrix, g_task, losses, aux)
 
 

@@ -31,6 +31,7 @@ from mtrl.combiners.base import TaskLosses, move
 from mtrl.combiners.diagnostics import gradient_diagnostics
 from mtrl.config import AgentConfig
 from mtrl.jacobian import (
+    JacobianBuffer,
     TaskObjective,
     mean_backward,
     task_jacobian,
@@ -218,6 +219,7 @@ def network_gradients(
     draws: Tensor | None,
     per_task: bool,
     network: str = "",
+    out: JacobianBuffer | None = None,
 ) -> NetworkGradients:
     """Write `.grad` of one network (named `network`) from its K per-task losses.
 
@@ -226,7 +228,7 @@ def network_gradients(
     gradient matrix of the shared parameters, is computed in one batched pass (for `tasks` only,
     when given) if `per_task` is set or the combiner needs it; otherwise one backward of the
     losses weighted by the combiner's `loss_weights` (the plain mean: of their sum) gives the
-    same `.grad` as d = Gᵀw would.
+    same `.grad` as d = Gᵀw would. G is written into `out` if given.
     """
     layout = tuple((name, p.numel()) for name, p in objective.shared.items())
 
@@ -242,7 +244,7 @@ def network_gradients(
         return NetworkGradients(
             losses, aux, finite, None, weights=weights, objective=objective, task_losses=seen(losses)
         )
-    grads = task_jacobian(objective, tasks)
+    grads = task_jacobian(objective, tasks, out)
     write_task_grads(objective.task, grads.task, tasks)
     losses, aux = grads.losses, grads.aux
     update = grads.matrix.mean(0) if combiner is None else combiner(grads.matrix, draws=draws, losses=seen(losses))
@@ -345,6 +347,7 @@ class SACUpdate:
             net: combiner if net in self.combined and not optimization[net].takes_task_gradients else None
             for net in NETWORKS
         }
+        self.jacobians = {net: JacobianBuffer() for net in NETWORKS}  # each network's G, kept between updates
 
     def __call__(
         self,
@@ -455,7 +458,9 @@ class SACUpdate:
     ) -> NetworkGradients:
         combiner = self.combiners[net]
         per_task = self.optimization[net].takes_task_gradients or (diagnostics and net in self.combined)
-        grads = network_gradients(objective, combiner, None if combiner is None else tasks, draws, per_task, net)
+        grads = network_gradients(
+            objective, combiner, None if combiner is None else tasks, draws, per_task, net, self.jacobians[net]
+        )
         for hook in self.hooks:
             hook.on_gradients(net, objective.parameters())
         return grads

@@ -5,6 +5,7 @@ import torch
 from torch.func import functional_call
 
 from mtrl.jacobian import (
+    JacobianBuffer,
     TaskObjective,
     mean_backward,
     mean_backward_functional,
@@ -125,3 +126,38 @@ def test_a_parameter_the_loss_ignores_gets_zero_gradient_and_counts_in_the_flat_
         == task_jacobian(objective).matrix.shape[1]
         == 3 + sum(p.numel() for n, p in critic.named_parameters() if n in objective.shared)
     )
+
+
+def test_a_kept_buffer_holds_the_same_matrix_in_the_same_memory_update_after_update():
+    critic, objective = _objective(multihead=True)
+    reference = _reference_task_grads(critic, objective)
+    expected = torch.stack([torch.cat([r[n].reshape(-1) for n in objective.shared]) for r in reference])
+    buffer = JacobianBuffer()
+    first = task_jacobian(objective, out=buffer).matrix
+    address = first.data_ptr()
+    torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(first, task_jacobian(objective).matrix)  # bit for bit what a fresh matrix holds
+
+    with torch.no_grad():  # the next update: new parameters, the same storage
+        for p in critic.parameters():
+            p.mul_(0.5)
+    second = task_jacobian(objective, out=buffer).matrix
+    assert second.data_ptr() == address
+    assert torch.equal(second, task_jacobian(objective).matrix)
+    assert not torch.equal(second, expected)
+
+    tasks = torch.tensor([3, 1])  # fewer rows: the first rows of the same storage
+    subset = task_jacobian(objective, tasks, out=buffer).matrix
+    assert subset.shape == (2, first.shape[1]) and subset.data_ptr() == address
+    assert torch.equal(subset, task_jacobian(objective, tasks).matrix)
+
+
+def test_a_kept_buffer_follows_the_dtype_and_the_row_count():
+    buffer = JacobianBuffer()
+    like = torch.zeros(1, dtype=torch.float64)
+    two = buffer.rows(2, 5, like)
+    assert two.shape == (2, 5) and two.dtype == torch.float64
+    assert buffer.rows(1, 5, like).data_ptr() == two.data_ptr()
+    assert buffer.rows(3, 5, like).shape == (3, 5)  # more rows than kept: grown
+    assert buffer.rows(3, 5, like.float()).dtype == torch.float32
+    assert buffer.rows(3, 4, like).shape == (3, 4)
