@@ -5,7 +5,8 @@ every combiner runs the same full update (critic + actor + temperature) on the s
 stratified batch. Alongside, the critic's per-task Jacobian and a plain mean-loss backward of the
 same critic loss are timed, which is the ratio the one-pass Jacobian is judged by; with
 architectures other than `conditioned`, every update is also compared with multihead's mean update.
-Medians over `--repeats` after warm-up; CUDA timings are synchronised. `--compile`
+Medians over `--repeats` after warm-up (the Jacobian and the mean backward called in turn, so
+that a busy machine weighs on both alike); CUDA timings are synchronised. `--compile`
 times the update compiled with each listed `torch.compile` mode (`train.compile`) as well; the
 first calls, which compile (and record CUDA graphs), are warm-up and not timed.
 """
@@ -40,16 +41,26 @@ def _sync(device: torch.device) -> None:
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    return paired_median_ms([fn], device, repeats, warmup)[0]
+
+
+def paired_median_ms(
+    fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> list[float]:
+    """Each function's median time in ms, the functions called in turn (one call of each per repeat), so
+    that a machine's slower and faster moments fall on all of them alike and their ratio holds."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for fn, fn_times in zip(fns, times, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            fn_times.append(time.perf_counter() - start)
+    return [1000 * statistics.median(fn_times) for fn_times in times]
 
 
 def synthetic_batch(k: int, b: int, obs_dim: int, device: torch.device, generator: torch.Generator) -> Batch:
@@ -112,8 +123,9 @@ def bench_update(
                 agent = _update(k, hidden, "mean", device, architecture=architecture).agent
                 objective = agent.critic_objective(batch, batch.reward.clone())
                 jacobian = partial(task_jacobian, objective, out=JacobianBuffer())  # kept, as the update keeps it
-                jacobian_ms = median_ms(jacobian, device, repeats)
-                mean_backward_ms = median_ms(lambda o=objective: mean_backward(o), device, repeats)
+                jacobian_ms, mean_backward_ms = paired_median_ms(
+                    [jacobian, partial(mean_backward, objective)], device, repeats
+                )
 
                 for mode, name in ((mode, name) for mode in compile_modes for name in combiners):
                     if mode != "none" and name in COMBINERS and not COMBINERS[name].supports_compile:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 
+from mtrl.bench import paired_median_ms
 from mtrl.cli import main
 
 FIELDS = {
@@ -74,3 +77,18 @@ def test_bench_update_measures_each_architecture_next_to_multiheads_mean_update(
         assert r["ratio_to_mean"] == pytest.approx(r["update_ms"] / mean["update_ms"], rel=1e-2)
     paco = [r for r in records if r["architecture"] == "paco"]
     assert paco[0]["jacobian_ms"] == paco[1]["jacobian_ms"] != records[0]["jacobian_ms"]  # measured per architecture
+
+
+def test_paired_timings_call_the_functions_in_turn_and_time_each_call():
+    calls = []
+
+    def short():
+        calls.append("short")
+
+    def long():
+        calls.append("long")
+        time.sleep(0.02)
+
+    short_ms, long_ms = paired_median_ms([short, long], torch.device("cpu"), repeats=3, warmup=1)
+    assert calls == ["short", "long"] * 4
+    assert long_ms >= 20 and short_ms < 5
