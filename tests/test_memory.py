@@ -138,6 +138,7 @@ def test_resident_memory_stays_flat_over_a_training_run_with_frequent_evaluation
 
 
 @pytest.mark.metaworld
+@pytest.mark.slow  # the trainer's reuse of its evaluation envs does not depend on the benchmark: the toy tests above
 def test_metaworld_evaluations_reuse_their_envs_and_resident_memory_stays_flat(tmp_path):
     result = measure("metaworld", tmp_path)
     assert result["make_envs"] == [False, True] and result["same_eval_envs"]
