@@ -42,7 +42,8 @@ class NoisyScriptedAgent:
 def test_evaluator_agrees_with_metaworld_evaluation():
     from metaworld.evaluation import evaluation
 
-    cfg = EnvConfig(benchmark="custom", tasks=TASKS, max_episode_steps=150)
+    # five goals per task, enough for four episodes: building fifty would take most of the test's time
+    cfg = EnvConfig(benchmark="custom", tasks=TASKS, max_episode_steps=150, num_goals=5)
     ours = evaluate(NoisyScriptedAgent(TASKS), make_backend(cfg, 7, evaluation=True), 4)
     mean_success, mean_return, per_task_success, returns = evaluation(
         NoisyScriptedAgent(TASKS), make_backend(cfg, 7, evaluation=True).vector_env, 4

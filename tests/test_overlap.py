@@ -49,10 +49,18 @@ def _run(run: Path, *overrides: str, callbacks=()) -> Trainer:
     return trainer
 
 
-def test_overlapped_updates_sample_the_replay_without_the_step_in_flight(tmp_path):
-    serial, overlapped = ReplayAtUpdates(), ReplayAtUpdates()
+@pytest.fixture(scope="module")
+def overlapped_run(tmp_path_factory) -> tuple[Trainer, ReplayAtUpdates]:
+    """One finished overlapped run of the toy config (its buffer in the checkpoints), and what it recorded."""
+    replay = ReplayAtUpdates()
+    run = tmp_path_factory.mktemp("overlapped") / "run"
+    return _run(run, "train.overlap=true", "checkpoint.save_buffer=true", callbacks=[replay]), replay
+
+
+def test_overlapped_updates_sample_the_replay_without_the_step_in_flight(tmp_path, overlapped_run):
+    serial = ReplayAtUpdates()
     a = _run(tmp_path / "serial", callbacks=[serial])
-    b = _run(tmp_path / "overlap", "train.overlap=true", callbacks=[overlapped])
+    b, overlapped = overlapped_run
     # the same updates: one per vector step from the end of warm-up on
     assert a.counters.updates == b.counters.updates == 200 - WARMUP + 1
     assert serial.seen[0] == (WARMUP, WARMUP)  # after step WARMUP, which the replay holds
@@ -74,8 +82,8 @@ def test_overlap_is_deterministic_and_does_not_depend_on_where_the_envs_step(tmp
     assert _metrics(sync.run_dir) == _metrics(again.run_dir) == _metrics(workers.run_dir)
 
 
-def test_overlap_resumes_exactly(tmp_path):
-    full = _run(tmp_path / "full", "train.overlap=true", "checkpoint.save_buffer=true")
+def test_overlap_resumes_exactly(tmp_path, overlapped_run):
+    full, _ = overlapped_run
     split = tmp_path / "split"
     _run(split, "train.overlap=true", "checkpoint.save_buffer=true", "train.total_steps=100")
     resumed = Trainer.resume(split, ["train.total_steps=200"])
