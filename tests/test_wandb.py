@@ -19,6 +19,7 @@ from mtrl.tracking import WANDB_ID_FILE
 from tests.conftest import TOY_OVERRIDES
 
 pytest.importorskip("wandb")
+from google.protobuf.message import DecodeError  # noqa: E402 - after the skip
 from wandb.proto import wandb_internal_pb2  # noqa: E402 - after the skip
 
 BLOCK = 32 * 1024  # the LevelDB log format of .wandb files: 32 KiB blocks of chunks
@@ -38,6 +39,8 @@ def read_wandb_file(path: Path) -> list[wandb_internal_pb2.Record]:
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:  # zeros: the preallocated end
             break
+        if pos + 7 + length > len(data):  # a chunk the writer has not finished
+            break
         payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (FULL, FIRST):
             pending = payload
@@ -55,7 +58,12 @@ def read_finished_run(path: Path, timeout: float = 60.0) -> list[wandb_internal_
     the file on its own, and may still be at it when `finish()` has returned."""
     deadline = time.monotonic() + timeout
     while True:
-        records = read_wandb_file(path) if path.exists() else []
+        try:
+            records = read_wandb_file(path) if path.exists() else []
+        except DecodeError:  # a record the service process is still writing
+            if time.monotonic() > deadline:
+                raise
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
