@@ -8,9 +8,9 @@ slice of the `[K, B, ...]` batch. Two ways to differentiate it:
   a loss-weighting method such as FAMO needs: no Jacobian either);
 - `task_jacobian`: `vmap(grad(loss))` over the task dimension. Each task's forward and backward
   runs on its own B samples, so the whole K x n matrix costs about one mean-loss backward,
-  instead of K backward passes with `retain_graph` as in the published code. The matrix is
-  written into a `JacobianBuffer` that lives as long as the update: memory that is not freshly
-  allocated every update (see the class).
+  instead of K backward passes with `retain_graph` as in the published code. The update writes
+  the matrix into a `JacobianBuffer` it keeps from one update to the next, not into memory
+  allocated afresh every time (see the class).
 
 Shared parameters receive the combined update; task-specific parameters (multi-head layers,
 per-task temperatures; leading dimension K) receive their own task's gradient unchanged.
@@ -137,8 +137,8 @@ class JacobianBuffer:
 
     The matrix is K times the size of the network's shared parameters, and it is written whole
     every update. Freshly allocated, memory that large comes from the operating system page by
-    page each time (glibc gives every allocation above 32 MiB its own mapping, unmapped when freed), and
-    on a CPU those page faults cost more than writing the numbers (measured in
+    page each time (glibc gives every allocation above 32 MiB its own mapping, unmapped when
+    freed), and on a CPU those page faults cost more than writing the numbers (measured in
     docs/architectures.md#cost). Kept, it is allocated once. A matrix taken from the buffer is
     valid until the buffer's next use: the update reads it before its next update.
     """
